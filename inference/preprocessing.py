@@ -1,0 +1,231 @@
+"""The one preprocessing shared by training and serving (design invariant 4).
+
+decode -> VOI/window (:mod:`inference.voi`, which also flips MONOCHROME1) -> min-max to [0, 1]
+-> crop the background -> flip so the chest wall is on ``config.chest_wall_side`` -> resize
+preserving the aspect ratio -> zero-pad to the model grid. The geometry is returned as a
+:class:`~inference.types.GeometricTransform`, and the grid itself is produced by
+:func:`inference.geometry.original_to_grid`, so mapping a CAM back with
+:func:`inference.geometry.grid_to_original` inverts exactly what was done here.
+
+The crop replaces seed 003's "drop rows/columns whose sum is 0", which keeps the whole image as
+soon as there is detector noise, a burned-in label or a bright collimator strip. It works on a
+~512-pixel copy (so a 3328x2560 image costs milliseconds): threshold, remove bright bands along
+the image edges, morphological opening, keep the largest bright component (the breast; labels
+and specks are smaller), take its bounding box plus a margin.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import cv2
+import numpy as np
+from pydicom.dataset import Dataset
+
+from inference.dicom_io import decode_pixels, read_meta
+from inference.geometry import original_to_grid
+from inference.types import GeometricTransform, ImageMeta, InputError, PreprocessConfig, PreprocessedImage
+from inference.voi import apply_voi
+
+logger = logging.getLogger(__name__)
+
+Side = Literal["left", "right"]
+
+WORK_SIZE = 512
+"""Long side of the downsampled copy used to find the breast."""
+MIN_TISSUE_FRACTION = 0.01
+"""The breast component must cover at least this share of the image, else there is no breast."""
+MARGIN_FRACTION = 0.01
+"""Margin added around the breast bounding box, as a share of the image's long side."""
+EDGE_BAND_MAX = 0.05
+"""A bright band along an image edge at most this thick (share of the side) is a border strip..."""
+EDGE_BAND_FILL = 0.8
+"""...when each of its lines is at least this full..."""
+EDGE_BAND_DROP = 0.25
+"""...and the first line inside it is emptier by at least this much (a breast fades gradually)."""
+SIDE_BAND = 0.1
+"""Share of the crop width compared on each side to find the chest wall."""
+SIDE_MIN_DIFFERENCE = 0.05
+"""Smallest difference in tissue fill between the two sides that decides the chest-wall side."""
+
+_CHEST_WALL_BY_LATERALITY: dict[str, Side] = {"R": "left", "L": "right"}
+
+
+@dataclass(frozen=True)
+class BreastRegion:
+    """Where the breast is in the original image, and which side its chest wall seems to be on."""
+
+    crop_box: tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open), original pixels
+    chest_wall: Side | None  # from the image content; None when the two sides look alike
+
+
+def preprocess(ds: Dataset, config: PreprocessConfig, *, meta: ImageMeta | None = None) -> PreprocessedImage:
+    """Turn a DICOM image into model input on the ``config`` grid, with the geometry used.
+
+    Raises InputError for anything that cannot be scored (no pixels, undecodable, no breast).
+    """
+    if meta is None:
+        meta = read_meta(ds)
+    pixels = decode_pixels(ds)
+    windowed = apply_voi(pixels, ds, fallback=config.fallback_window)
+    return preprocess_array(windowed, meta, config)
+
+
+def preprocess_array(pixels01: np.ndarray, meta: ImageMeta, config: PreprocessConfig) -> PreprocessedImage:
+    """Preprocess an already-windowed image (as from :func:`inference.voi.apply_voi`).
+
+    ``pixels01`` must already show dense tissue bright (MONOCHROME1 inverted); it is min-max
+    normalised here, so its exact range does not matter. RGB input is converted to grey.
+    """
+    if config.input_height < 1 or config.input_width < 1:
+        raise ValueError(f"invalid model grid {config.input_height}x{config.input_width}")
+    image = _normalise(_as_grey(pixels01))
+    region = find_breast(image, config)
+    flipped = _needs_flip(region, meta.laterality, config)
+    y0, y1, x0, x1 = region.crop_box
+    grid_h, grid_w = config.input_height, config.input_width
+    scale = min(grid_h / (y1 - y0), grid_w / (x1 - x0))
+    transform = GeometricTransform(
+        original_shape=(image.shape[0], image.shape[1]),
+        crop_box=region.crop_box,
+        flipped=flipped,
+        scale=scale,
+        pad_top=0,
+        pad_left=0,
+        input_shape=(grid_h, grid_w),
+    )
+    if config.chest_wall_side == "right":  # keep the chest wall on the grid edge
+        transform = replace(transform, pad_left=grid_w - transform.resized_shape[1])
+    interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+    grid = original_to_grid(image, transform, interpolation=interpolation)
+    np.clip(grid, 0.0, 1.0, out=grid)
+    logger.debug(
+        "preprocessed %s: crop=%s flipped=%s scale=%.4f",
+        meta.sop_instance_uid,
+        region.crop_box,
+        flipped,
+        scale,
+    )
+    return PreprocessedImage(pixels=grid, transform=transform, meta=meta)
+
+
+def find_breast(image: np.ndarray, config: PreprocessConfig) -> BreastRegion:
+    """Locate the breast in a [0, 1] image (dense tissue bright).
+
+    The threshold is ``config.crop_threshold``, lowered to Otsu's when that is lower (a faint
+    breast next to a bright label). A uniform or nearly empty image raises
+    InputError("no breast tissue found"); an image with no separable background (tissue
+    everywhere, or noise only) is used whole, since cutting tissue is worse than keeping air.
+    """
+    height, width = image.shape
+    small = _downsample(image)
+    sh, sw = small.shape
+    grey = cv2.medianBlur(np.clip(small * 255.0 + 0.5, 0, 255).astype(np.uint8), 5)
+    otsu, _ = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    level = min(float(otsu), config.crop_threshold * 255.0)
+    mask = _remove_edge_bands(grey > level)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    opened = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, kernel)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    if count <= 1 or areas.max() < MIN_TISSUE_FRACTION * sh * sw:
+        covered = 0.0 if count <= 1 else float(areas.max()) / (sh * sw)
+        raise InputError(f"no breast tissue found (largest bright region covers {covered:.1%} of the image)")
+    breast = labels == 1 + int(np.argmax(areas))
+
+    y0, y1 = _extent(breast.mean(axis=1), config.crop_min_fraction)
+    x0, x1 = _extent(breast.mean(axis=0), config.crop_min_fraction)
+    chest_wall = _chest_wall_side(breast[y0:y1, x0:x1])
+
+    fy, fx = height / sh, width / sw
+    margin = math.ceil(MARGIN_FRACTION * max(height, width))
+    box = (
+        max(0, math.floor(y0 * fy) - margin),
+        min(height, math.ceil(y1 * fy) + margin),
+        max(0, math.floor(x0 * fx) - margin),
+        min(width, math.ceil(x1 * fx) + margin),
+    )
+    return BreastRegion(crop_box=box, chest_wall=chest_wall)
+
+
+def _as_grey(pixels: np.ndarray) -> np.ndarray:
+    arr = np.asarray(pixels)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    elif arr.ndim == 3 and arr.shape[2] in (3, 4):
+        arr = cv2.cvtColor(np.ascontiguousarray(arr[:, :, :3], dtype=np.float32), cv2.COLOR_RGB2GRAY)
+    if arr.ndim != 2 or arr.shape[0] < 2 or arr.shape[1] < 2:
+        raise InputError(f"expected a 2-D image, got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _normalise(image: np.ndarray) -> np.ndarray:
+    """Seed-003 min-max normalisation to [0, 1]; a new array, the caller's is never modified."""
+    low, high = float(image.min()), float(image.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise InputError("image has non-finite pixel values")
+    if high - low < 1e-6:
+        raise InputError("no breast tissue found: the image is uniform")
+    if low == 0.0 and high == 1.0:
+        return image
+    return np.asarray((image - np.float32(low)) * np.float32(1.0 / (high - low)), dtype=np.float32)
+
+
+def _downsample(image: np.ndarray) -> np.ndarray:
+    height, width = image.shape
+    factor = max(height, width) / WORK_SIZE
+    if factor <= 1.0:
+        return image
+    size = (max(1, round(width / factor)), max(1, round(height / factor)))
+    return np.asarray(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
+
+
+def _remove_edge_bands(mask: np.ndarray) -> np.ndarray:
+    """Clear thin, nearly full bands along the image edges (collimator or scanner borders).
+
+    A band qualifies when it is at most EDGE_BAND_MAX thick, each line is EDGE_BAND_FILL full,
+    and the line just inside is clearly emptier: a breast touching the edge fades gradually
+    and is kept, a strip ends abruptly.
+    """
+    mask = mask.copy()
+    views = (mask, mask[::-1], mask.T, mask.T[::-1])  # top, bottom, left, right (writable views)
+    for view in views:
+        fill = view.mean(axis=1)
+        limit = max(1, math.ceil(EDGE_BAND_MAX * view.shape[0]))
+        full = fill[: limit + 1] >= EDGE_BAND_FILL
+        thickness = int(np.argmin(full)) if not full.all() else limit + 1
+        if 0 < thickness <= limit and fill[thickness] <= fill[:thickness].min() - EDGE_BAND_DROP:
+            view[:thickness] = False
+    return mask
+
+
+def _extent(fill: np.ndarray, min_fraction: float) -> tuple[int, int]:
+    """First and one-past-last index where ``fill`` exceeds ``min_fraction`` (any tissue if none)."""
+    idx = np.flatnonzero(fill > min_fraction)
+    if idx.size == 0:
+        idx = np.flatnonzero(fill > 0)
+    return int(idx[0]), int(idx[-1]) + 1
+
+
+def _chest_wall_side(breast: np.ndarray) -> Side | None:
+    """The side where the breast mask fills more of the edge columns: the breast hugs the chest
+    wall and tapers towards the nipple."""
+    band = max(1, round(SIDE_BAND * breast.shape[1]))
+    left = float(breast[:, :band].mean())
+    right = float(breast[:, -band:].mean())
+    if abs(left - right) < SIDE_MIN_DIFFERENCE:
+        return None
+    return "left" if left > right else "right"
+
+
+def _needs_flip(region: BreastRegion, laterality: str, config: PreprocessConfig) -> bool:
+    """Flip when the chest wall is on the other side; content decides, laterality breaks ties
+    (R is stored chest wall left, L chest wall right in the usual orientation)."""
+    side = region.chest_wall or _CHEST_WALL_BY_LATERALITY.get(laterality)
+    if side is None:
+        logger.debug("chest-wall side undecided (laterality %s): not flipping", laterality)
+        return False
+    return side != config.chest_wall_side
