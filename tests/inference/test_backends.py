@@ -1,0 +1,97 @@
+"""Backend interface, torch backend and registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference.backends import registry
+from inference.backends.base import Backend, BackendUnavailable
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch = pytest.importorskip("torch")
+    from inference.manifest import ModelManifest
+    from inference.model import build_model
+    from inference.model_io import save_model
+    from inference.types import PreprocessConfig
+
+    torch.manual_seed(0)
+    model = build_model("cancernet", in_chans=1)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(4, 1, 64, 32))
+    manifest = ModelManifest(
+        name="t",
+        version="1",
+        architecture="cancernet",
+        preprocess=PreprocessConfig(input_height=64, input_width=32),
+    )
+    path = tmp_path_factory.mktemp("model")
+    save_model(model.eval(), manifest, path)
+    return path
+
+
+def test_torch_backend_chunks_and_matches_the_model(model_dir: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from inference.backends.torch_backend import TorchBackend
+    from inference.model_io import load_model
+
+    backend = TorchBackend(model_dir, max_batch=2)
+    assert isinstance(backend, Backend)
+    batch = np.random.default_rng(0).random((5, 1, 64, 32), dtype=np.float32)
+    logits, cams = backend.infer(batch)
+    assert logits.shape == (5,) and cams.shape == (5, 8, 4)
+    assert logits.dtype == np.float32 and cams.dtype == np.float32
+    model, _ = load_model(model_dir)
+    with torch.no_grad():
+        ref_logit, ref_cam = model(torch.from_numpy(batch))
+    np.testing.assert_allclose(logits, ref_logit.numpy(), atol=1e-5)
+    np.testing.assert_allclose(cams, ref_cam.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((2, 1, 32, 32), np.float32),  # wrong grid
+        np.zeros((2, 3, 64, 32), np.float32),  # wrong channels
+        np.zeros((0, 1, 64, 32), np.float32),  # empty
+        np.full((1, 1, 64, 32), 2.0, np.float32),  # not in [0, 1]
+        np.full((1, 1, 64, 32), np.nan, np.float32),
+    ],
+)
+def test_torch_backend_rejects_bad_batches(model_dir: Path, bad: np.ndarray) -> None:
+    backend = registry.load_backend("torch", model_dir)
+    with pytest.raises(ValueError):
+        backend.infer(bad)
+
+
+def test_registry_lists_every_backend_with_a_reason() -> None:
+    available = registry.available_backends()
+    assert set(available) >= {"torch", "onnxruntime", "tensorrt"}
+    assert available["onnxruntime"] == "not implemented yet"
+    assert available["tensorrt"] == "not implemented yet"
+
+
+def test_registry_reports_a_missing_package(monkeypatch: pytest.MonkeyPatch, model_dir: Path) -> None:
+    monkeypatch.setattr(registry, "_package_installed", lambda name: name != "torch")
+    assert registry.available_backends()["torch"] == "package torch not installed"
+    with pytest.raises(BackendUnavailable, match="package torch not installed") as info:
+        registry.load_backend("torch", model_dir)
+    assert info.value.reason == "package torch not installed"
+
+
+def test_registry_loads_torch_and_refuses_the_rest(model_dir: Path) -> None:
+    pytest.importorskip("torch")
+    assert registry.available_backends()["torch"] is None
+    backend = registry.load_backend("torch", model_dir)
+    assert backend.name == "torch" and backend.manifest.name == "t"
+    for name in ("onnxruntime", "tensorrt"):
+        with pytest.raises(BackendUnavailable, match="not implemented yet"):
+            registry.load_backend(name, model_dir)
+    with pytest.raises(BackendUnavailable, match="unknown backend"):
+        registry.load_backend("openvino", model_dir)
