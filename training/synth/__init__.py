@@ -1,0 +1,35 @@
+"""Synthetic screening mammograms: phantoms in the RSNA dataset layout, as real-looking DICOM.
+
+Public API:
+
+- :func:`generate_dataset` writes a whole dataset and returns a :class:`SynthSummary`.
+- :func:`synth_breast` / :func:`render_view` make one image (and its ground truth) in memory.
+- :func:`make_dicom` / :func:`write_dicom` wrap pixels as a mammogram or Secondary Capture file.
+- :data:`TRANSFER_SYNTAXES` names the supported transfer syntaxes (plus ``mixed``).
+"""
+
+from training.synth.anatomy import DENSITIES, BreastAnatomy
+from training.synth.dataset import SynthSummary, generate_dataset
+from training.synth.dicom_writer import make_dicom, write_dicom
+from training.synth.encoding import MIXED, TRANSFER_SYNTAXES, jpeg_lossless_sv1
+from training.synth.lesions import Lesion, random_lesion
+from training.synth.phantom import RenderedView, render_view, synth_breast
+from training.synth.voi import VOI_STYLES
+
+__all__ = [
+    "DENSITIES",
+    "MIXED",
+    "TRANSFER_SYNTAXES",
+    "VOI_STYLES",
+    "BreastAnatomy",
+    "Lesion",
+    "RenderedView",
+    "SynthSummary",
+    "generate_dataset",
+    "jpeg_lossless_sv1",
+    "make_dicom",
+    "random_lesion",
+    "render_view",
+    "synth_breast",
+    "write_dicom",
+]

@@ -1,0 +1,117 @@
+"""Transfer syntaxes of the phantoms and the encoders behind them.
+
+Real archives send mammograms in all of these, and the RSNA set itself mixes JPEG 2000 and JPEG
+Lossless; the node and the preprocessing must decode every one bit-exactly. pydicom encodes JPEG
+2000 (pylibjpeg/openjpeg), JPEG-LS (pyjpegls) and RLE; it has no JPEG Lossless encoder, so that
+one is made with GDCM's codec, in memory, from the raw frame.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    UID,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
+
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+
+TRANSFER_SYNTAXES: dict[str, str] = {
+    "explicit": EXPLICIT_VR_LITTLE_ENDIAN,
+    "jpeg2000": str(JPEG2000Lossless),
+    "jpegls": str(JPEGLSLossless),
+    "jpeg-lossless": str(JPEGLosslessSV1),
+    "rle": str(RLELossless),
+}
+"""Name -> Transfer Syntax UID. ``mixed`` (not a key) picks one of these per image."""
+
+MIXED = "mixed"
+
+_PYDICOM_PLUGINS: dict[str, str] = {"jpeg2000": "pylibjpeg", "jpegls": "pyjpegls", "rle": "pylibjpeg"}
+
+
+def check_transfer_syntax(name: str) -> None:
+    """ValueError unless ``name`` is a key of TRANSFER_SYNTAXES or ``mixed``."""
+    if name != MIXED and name not in TRANSFER_SYNTAXES:
+        raise ValueError(f"transfer syntax must be one of {[*TRANSFER_SYNTAXES, MIXED]}, got {name!r}")
+
+
+def encode_pixels(ds: Dataset, pixels: np.ndarray, name: str) -> None:
+    """Store ``pixels`` (uint16, already as they must be stored) in ``ds`` with syntax ``name``.
+
+    ``ds`` must carry the Image Pixel module and a ``file_meta``; its TransferSyntaxUID is set.
+    """
+    if name not in TRANSFER_SYNTAXES:
+        raise ValueError(f"transfer syntax must be one of {list(TRANSFER_SYNTAXES)}, got {name!r}")
+    if pixels.dtype != np.uint16 or pixels.ndim != 2:
+        raise ValueError(f"pixels must be a 2-D uint16 array, got {pixels.dtype} {pixels.shape}")
+    pixels = np.ascontiguousarray(pixels)
+    uid = UID(TRANSFER_SYNTAXES[name])
+    if name == "explicit":
+        ds.PixelData = pixels.astype("<u2").tobytes()
+        ds["PixelData"].VR = "OW"
+        ds.file_meta.TransferSyntaxUID = uid
+    elif name == "jpeg-lossless":
+        frame = jpeg_lossless_sv1(pixels, int(ds.BitsStored), str(ds.PhotometricInterpretation))
+        ds.PixelData = encapsulate([frame])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+        ds.file_meta.TransferSyntaxUID = uid
+    else:
+        ds.compress(uid, pixels, encoding_plugin=_PYDICOM_PLUGINS[name], generate_instance_uid=False)
+
+
+def jpeg_lossless_sv1(pixels: np.ndarray, bits_stored: int, photometric: str = "MONOCHROME2") -> bytes:
+    """A JPEG Lossless (process 14, selection value 1) code stream of a 16-bit grey frame.
+
+    Uses GDCM's encoder in memory; the output is checked to start with SOI + SOF3 and end with EOI
+    (an odd-length stream is padded to even length after EOI, as DICOM requires). Like dcmcjpeg,
+    GDCM writes sample precision 16 for any 16-bit-allocated frame, whatever ``bits_stored``;
+    pylibjpeg-libjpeg, GDCM and dcmdjpeg all decode that bit-exactly.
+    """
+    import gdcm  # heavy import, only needed for this syntax
+
+    rows, cols = pixels.shape
+    image = gdcm.Image()
+    image.SetNumberOfDimensions(2)
+    image.SetDimension(0, cols)
+    image.SetDimension(1, rows)
+    image.SetPixelFormat(gdcm.PixelFormat(1, 16, bits_stored, bits_stored - 1, 0))
+    pi = getattr(gdcm.PhotometricInterpretation, photometric)
+    image.SetPhotometricInterpretation(gdcm.PhotometricInterpretation(pi))
+    image.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.ExplicitVRLittleEndian))
+    element = gdcm.DataElement(gdcm.Tag(0x7FE0, 0x0010))
+    element.SetByteStringValue(pixels.astype("<u2").tobytes())
+    image.SetDataElement(element)
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+    change.SetInput(image)
+    # SetInput takes a GDCM smart pointer to ``image``, which deletes it together with
+    # ``change``; Python must give up ownership or the image is freed twice (segfault), and it
+    # must not free it first either (GDCM aborts on a referenced object).
+    image.thisown = False
+    try:
+        if not change.Change():
+            raise RuntimeError("GDCM could not encode the frame as JPEG Lossless SV1")
+        fragments = change.GetOutput().GetDataElement().GetSequenceOfFragments()
+        if fragments is None or fragments.GetNumberOfFragments() != 1:
+            raise RuntimeError("GDCM returned an unexpected JPEG Lossless fragment layout")
+        # The SWIG binding hands bytes back as a str decoded with surrogateescape.
+        fragment = fragments.GetFragment(0)
+        raw, length = fragment.GetByteValue().GetBuffer(), int(str(fragment.GetVL()))
+        del fragment, fragments
+    finally:
+        del change  # frees ``image`` too
+    stream = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else bytes(raw)
+    if len(stream) != length:
+        raise RuntimeError(f"GDCM fragment of {length} bytes came back as {len(stream)} bytes")
+    if not (stream.startswith(b"\xff\xd8\xff\xc3") and stream.rstrip(b"\x00").endswith(b"\xff\xd9")):
+        raise RuntimeError("GDCM output is not a JPEG Lossless (SOF3) code stream")
+    if len(stream) % 2:
+        stream += b"\x00"
+    return stream
