@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.aggregation import AGGREGATIONS
+from inference.jsonsafe import dumps
 from inference.types import RESEARCH_NOTICE, AlgorithmInfo, InputError, PreprocessConfig
 
 logger = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def save_manifest(manifest: ModelManifest, model_dir: Path) -> Path:
     """Write ``model_dir/model.json`` atomically (temp file + rename), so a reader never sees half."""
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / MANIFEST_FILE
-    text = json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    text = dumps(manifest.to_dict()) + "\n"
     fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".model.json.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

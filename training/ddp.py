@@ -39,6 +39,11 @@ class DistContext:
         return self.rank == 0
 
 
+def launched_as_worker() -> bool:
+    """True in a torchrun process other than rank 0: it trains, but writes no model folder."""
+    return _env_int("RANK", 0) != 0
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":

@@ -180,6 +180,7 @@ def run_histology_train(request: TrainRequest) -> Path:
     from inference.manifest import ModelManifest, save_manifest
     from inference.model import build_model
     from inference.model_io import save_model
+    from training.ddp import launched_as_worker
     from training.loop import TrainConfig, train
     from training.transforms import AugmentConfig
 
@@ -210,6 +211,8 @@ def run_histology_train(request: TrainRequest) -> Path:
         augmentation=AugmentConfig(max_rotation_deg=20.0, max_translate=0.1, max_shear_deg=3.0),
     )
     result = train(config, train_set, val_set, lambda: build_model(request.architecture, in_chans=3))
+    if launched_as_worker():  # torchrun: rank 0 alone turns the best checkpoint into the model
+        return request.out / "model"
 
     model = build_model(request.architecture, in_chans=3)
     checkpoint = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)

@@ -1,0 +1,109 @@
+"""`mammonode demo`: show the whole product on two synthetic studies, with nothing to download.
+
+A new user has no mammograms they may use and no PACS to send them from, so the demo makes both
+sides itself: it synthesises one cancer and one normal 4-view screening study (training.synth,
+the phantoms the bundled model was trained on), scores them with the bundled model (or
+``--model``) and says where the CAM pictures, secondary captures and report went, next to the
+ground truth, so the user can judge the result.
+
+The demo is three steps: synthesise -> score -> report. Today the score step is the offline
+scorer (:func:`node.offline.run_score`); a later version starts the node on loopback and sends the
+studies over DICOM instead. That only swaps the ``score_step`` (same signature: input files, output
+folder, model folder -> exit status); synthesis and reporting stay as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import typer
+
+from inference.bundled import resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+
+class DemoStudy(Protocol):
+    """One synthesised study and its ground truth (made by training.synth.studies)."""
+
+    @property
+    def patient_id(self) -> str: ...
+    @property
+    def cancer_sides(self) -> tuple[str, ...]: ...
+    @property
+    def files(self) -> tuple[Path, ...]: ...
+
+
+Synthesise = Callable[[Path, int], Sequence[DemoStudy]]
+"""Writes the demo studies under a folder for a seed; the CLI passes the training generator, since
+the node never imports training itself."""
+
+ScoreStep = Callable[[list[Path], Path, Path], int]
+"""Scores the given input files into the output folder with the model folder and returns the exit
+status; writes ``summary.json`` there."""
+
+
+def score_offline(files: list[Path], out: Path, model_dir: Path) -> int:
+    """The score step of today's demo: the offline scorer, which also prints the score table."""
+    from node.offline import run_score
+
+    return run_score(files, out=out, model_dir=model_dir)
+
+
+def describe_results(out: Path, studies: Sequence[DemoStudy]) -> list[str]:
+    """Lines telling the user the ground truth next to each exam score and where the files are."""
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    by_patient = {s["patient_id"]: s for s in summary["studies"]}
+    lines = ["", "ground truth vs result:"]
+    for study in studies:
+        truth = (
+            f"cancer in {'+'.join(study.cancer_sides)} breast" if study.cancer_sides else "normal (no cancer)"
+        )
+        scored = by_patient.get(study.patient_id)
+        if scored is None:
+            result = "not scored"
+        else:
+            decision = "RECALL" if scored["recall_recommended"] else "no recall"
+            result = f"exam P={scored['exam_probability']:.3f} -> {decision}"
+        lines.append(f"  patient {study.patient_id}: {truth}; {result}")
+    written = summary["written"]
+    lines += [
+        "",
+        f"CAM overlays (PNG):      {out / 'png'} ({len(written['png'])} files)",
+        f"secondary captures (SC): {out / 'sc'} ({len(written['sc'])} files)",
+        f"structured reports (SR): {out / 'sr'} ({len(written['sr'])} files)",
+        f"summary (JSON):          {out / 'summary.json'}",
+    ]
+    if summary["model"].get("notice"):
+        lines.append(f"note: {summary['model']['notice']}")
+    return lines
+
+
+def run_demo(
+    out: Path,
+    model_dir: Path | None,
+    seed: int,
+    *,
+    synthesise: Synthesise,
+    score_step: ScoreStep = score_offline,
+) -> int:
+    """Synthesise two studies in a temporary folder inside ``out``, score them, report; exit status.
+
+    The model folder is resolved first, so a missing model fails before anything is synthesised.
+    The synthetic inputs are removed afterwards: the results in ``out`` are what the demo is about.
+    """
+    model = resolve_model_dir(model_dir)  # the bundled demo model when None
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".demo-studies-") as tmp:
+        studies = synthesise(Path(tmp), seed)
+        files = [path for study in studies for path in study.files]
+        log.info("synthesised %d studies (%d images) for the demo", len(studies), len(files))
+        code = score_step(files, out, model)
+    if (out / "summary.json").is_file():
+        typer.echo("\n".join(describe_results(out, studies)))
+    return code

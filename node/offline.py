@@ -1,0 +1,212 @@
+"""`mammonode score`: score DICOM files from disk without a network, writing the node's outputs.
+
+Unusable inputs are reported in one line each and skipped; the rest are still scored, and the
+exit status is non-zero when anything was skipped. Output files are named by validated UIDs only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from inference.backends.registry import load_backend
+from inference.bundled import resolve_model_dir
+from inference.dicom_io import is_mammogram, read_dataset, read_meta
+from inference.jsonsafe import dumps
+from inference.overlay import save_png
+from inference.pipeline import Pipeline, PreparedImage, StudyOutputs, group_by_study
+from inference.types import InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreRun:
+    """What one offline run produced and skipped."""
+
+    outputs: list[StudyOutputs] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    written: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _own_outputs(out: Path) -> tuple[set[Path], set[Path]]:
+    """The folders and files a run writes under ``out`` (resolved), never inputs of a later run."""
+    root = out.resolve()
+    return {root / sub for sub in ("sc", "sr", "png")}, {root / "summary.json"}
+
+
+def collect_files(paths: list[Path], *, out: Path | None = None) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Expand folders recursively (hidden files skipped); missing paths are reported.
+
+    A previous run's results under ``out`` (its sc/, sr/, png/ and summary.json) are left out of
+    folder expansion: scoring a folder that holds them must not read them back as inputs and
+    report every PNG and CAM capture as a skipped file (and exit 1) on each re-run.
+    """
+    files: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    own_dirs, own_files = _own_outputs(out) if out is not None else (set(), set())
+
+    def is_own(p: Path) -> bool:
+        resolved = p.resolve()
+        return resolved in own_files or not own_dirs.isdisjoint(resolved.parents)
+
+    for path in paths:
+        if path.is_dir():
+            files.extend(
+                p
+                for p in sorted(path.rglob("*"))
+                if p.is_file() and not p.name.startswith(".") and not is_own(p)
+            )
+        elif path.is_file():
+            files.append(path)
+        else:
+            missing.append((str(path), "no such file or folder"))
+    return files, missing
+
+
+def prepare_files(pipeline: Pipeline, files: list[Path]) -> tuple[list[PreparedImage], list[tuple[str, str]]]:
+    """Read, check and preprocess each file; anything unusable becomes a (path, reason) pair."""
+    prepared: list[PreparedImage] = []
+    skipped: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for path in files:
+        try:
+            ds = read_dataset(path)
+            meta = read_meta(ds)
+            ok, reason = is_mammogram(ds, meta)
+            if not ok:
+                raise InputError(f"not a mammogram ({reason})")
+            if meta.sop_instance_uid in seen:
+                raise InputError(f"duplicate SOP Instance UID {meta.sop_instance_uid}")
+            prepared.append(pipeline.prepare(ds, meta))
+            seen.add(meta.sop_instance_uid)
+        except InputError as exc:
+            skipped.append((str(path), str(exc)))
+    return prepared, skipped
+
+
+def write_outputs(result: StudyOutputs, out: Path) -> dict[str, list[str]]:
+    """Write SC, SR and PNG files of one study under ``out``; returns the paths written."""
+    written: dict[str, list[str]] = {"sc": [], "sr": [], "png": []}
+    for sub in written:
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for image, sc, rgb in zip(result.score.images, result.secondary_captures, result.overlays, strict=True):
+        sc_path = out / "sc" / f"{sc.SOPInstanceUID}.dcm"
+        sc.save_as(sc_path, enforce_file_format=True)
+        png_path = save_png(rgb, out / "png" / f"{image.meta.sop_instance_uid}.png")
+        written["sc"].append(str(sc_path))
+        written["png"].append(str(png_path))
+    sr_path = out / "sr" / f"{result.report.SOPInstanceUID}.dcm"
+    result.report.save_as(sr_path, enforce_file_format=True)
+    written["sr"].append(str(sr_path))
+    return written
+
+
+def summary(pipeline: Pipeline, run: ScoreRun) -> dict[str, Any]:
+    """The JSON summary: model identity, per-study, per-breast and per-image scores, skips."""
+    m = pipeline.manifest
+    studies = []
+    for result in run.outputs:
+        s = result.score
+        studies.append(
+            {
+                "patient_id": s.patient_id,
+                "study_instance_uid": s.study_instance_uid,
+                "exam_probability": s.exam_probability,
+                "threshold": s.threshold,
+                "recall_recommended": s.recall_recommended,
+                "sr_sop_instance_uid": str(result.report.SOPInstanceUID),
+                "breasts": [
+                    {
+                        "laterality": b.laterality,
+                        "probability": b.probability,
+                        "method": b.method,
+                        "aggregates": b.aggregates,
+                        "image_probabilities": b.image_probabilities,
+                    }
+                    for b in s.breasts
+                ],
+                "images": [
+                    {
+                        "sop_instance_uid": i.meta.sop_instance_uid,
+                        "laterality": i.meta.laterality,
+                        "view": i.meta.view,
+                        "probability": i.probability,
+                        "logit": i.logit,
+                        "cam_sc_sop_instance_uid": str(sc.SOPInstanceUID),
+                    }
+                    for i, sc in zip(s.images, result.secondary_captures, strict=True)
+                ],
+            }
+        )
+    return {
+        "model": {
+            "name": m.name,
+            "version": m.version,
+            "architecture": m.architecture,
+            "weights_sha256": m.weights_sha256,
+            "threshold": m.threshold,
+            "aggregation": pipeline.aggregation,
+            "notice": pipeline.algorithm.notice,
+            "backend": pipeline.backend.name,
+        },
+        "studies": studies,
+        "skipped": [{"path": p, "reason": r} for p, r in run.skipped],
+        "written": run.written,
+    }
+
+
+def format_table(run: ScoreRun) -> str:
+    """Image, breast and exam scores as a plain-text table."""
+    lines = [f"{'level':<7} {'study / image':<66} {'side':<8} {'view':<8} {'P':>6}"]
+    for result in run.outputs:
+        s = result.score
+        lines.append(
+            f"{'exam':<7} {s.study_instance_uid:<66} {'':<8} {'':<8} {s.exam_probability:6.3f}"
+            f"  {'RECALL' if s.recall_recommended else 'no recall'} (threshold {s.threshold:.3f})"
+        )
+        for b in s.breasts:
+            lines.append(f"{'breast':<7} {'':<66} {b.laterality:<8} {b.method:<8} {b.probability:6.3f}")
+        for i in s.images:
+            lines.append(
+                f"{'image':<7} {i.meta.sop_instance_uid:<66} {i.meta.laterality:<8} {i.meta.view:<8} "
+                f"{i.probability:6.3f}"
+            )
+    return "\n".join(lines)
+
+
+def run_score(
+    paths: list[Path],
+    *,
+    out: Path,
+    model_dir: Path | None,
+    backend: str = "torch",
+    aggregation: str | None = None,
+    json_output: bool = False,
+) -> int:
+    """Score ``paths`` into ``out``; returns the exit status (1 if anything was skipped)."""
+    engine = load_backend(backend, resolve_model_dir(model_dir))
+    pipeline = Pipeline(engine, aggregation=aggregation)
+    files, missing = collect_files(paths, out=out)
+    prepared, skipped = prepare_files(pipeline, files)
+    run = ScoreRun(skipped=missing + skipped, written={"sc": [], "sr": [], "png": []})
+    for line in run.skipped:
+        typer.echo(f"skipped {line[0]}: {line[1]}", err=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for images in group_by_study(prepared).values():
+        for study in pipeline.score(images):
+            result = pipeline.outputs(study, images)
+            run.outputs.append(result)
+            for key, values in write_outputs(result, out).items():
+                run.written[key].extend(values)
+    report = summary(pipeline, run)
+    (out / "summary.json").write_text(dumps(report))
+    typer.echo(dumps(report) if json_output else format_table(run))
+    if not run.outputs:
+        typer.echo("error: no image could be scored", err=True)
+        return 1
+    return 1 if run.skipped else 0

@@ -1,0 +1,53 @@
+"""The bundled demo model: it loads offline, says what it is, and ranks malignant above benign."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inference.backends.torch_backend import TorchBackend
+from inference.bundled import bundled_model_dir
+from inference.dicom_io import read_dataset, read_meta
+from inference.manifest import load_manifest, verify_weights
+from inference.pipeline import Pipeline
+from inference.types import RESEARCH_NOTICE
+from training.synth.studies import synthesise_studies
+
+
+def test_bundled_model_manifest_is_honest_about_its_training_data() -> None:
+    model_dir = bundled_model_dir()
+    manifest = load_manifest(model_dir)
+    verify_weights(model_dir, manifest)
+    assert manifest.synthetic_training_data
+    assert (manifest.preprocess.input_height, manifest.preprocess.input_width) == (512, 256)
+    assert (model_dir / manifest.weights_file).stat().st_size <= 20 * 1024 * 1024
+    card = (model_dir / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert "mammonode synth" in card and "mammonode train" in card and "mammonode evaluate" in card
+    assert manifest.metrics["test"]["measured_on"], "every metric names the data it was measured on"
+
+
+@pytest.mark.slow
+def test_malignant_synthetic_study_scores_higher_than_benign(tmp_path: Path) -> None:
+    backend = TorchBackend(bundled_model_dir())
+    pipeline = Pipeline(backend)
+    assert pipeline.algorithm.notice == RESEARCH_NOTICE
+    for seed in (101, 202):
+        studies = synthesise_studies(tmp_path / str(seed), seed)
+        cancer = next(s for s in studies if s.cancer_sides)
+        normal = next(s for s in studies if not s.cancer_sides)
+        scores = {}
+        for study in (cancer, normal):
+            images = []
+            for path in study.files:
+                ds = read_dataset(path)
+                images.append(pipeline.prepare(ds, read_meta(ds)))
+            (scores[study.patient_id],) = pipeline.score(images)
+        cancer_score = scores[cancer.patient_id]
+        normal_score = scores[normal.patient_id]
+        sick = {b.laterality: b.probability for b in cancer_score.breasts}
+        healthy_sides = [side for side in ("L", "R") if side not in cancer.cancer_sides]
+        for side in cancer.cancer_sides:
+            assert all(sick[side] > sick[healthy] for healthy in healthy_sides)
+            assert all(sick[side] > b.probability for b in normal_score.breasts)
+        assert cancer_score.exam_probability > normal_score.exam_probability
