@@ -10,8 +10,11 @@ preserving the aspect ratio -> zero-pad to the model grid. The geometry is retur
 The crop replaces seed 003's "drop rows/columns whose sum is 0", which keeps the whole image as
 soon as there is detector noise, a burned-in label or a bright collimator strip. It works on a
 ~512-pixel copy (so a 3328x2560 image costs milliseconds): threshold, remove bright bands along
-the image edges, morphological opening, keep the largest bright component (the breast; labels
-and specks are smaller), take its bounding box plus a margin.
+the image edges (:func:`inference.voi.remove_edge_bands`, the same test the fallback window
+uses), morphological opening, keep the largest bright component (the breast; labels
+and specks are smaller), grow it into the faint tissue connected to it (hysteresis down to the
+background's noise floor, so a window that darkens the skin line does not cut it off), take its
+bounding box plus a margin.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pydicom.dataset import Dataset
 from inference.dicom_io import decode_pixels, read_meta
 from inference.geometry import original_to_grid
 from inference.types import GeometricTransform, ImageMeta, InputError, PreprocessConfig, PreprocessedImage
-from inference.voi import apply_voi
+from inference.voi import apply_voi, noise_floor, remove_edge_bands
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +43,6 @@ MIN_TISSUE_FRACTION = 0.01
 """The breast component must cover at least this share of the image, else there is no breast."""
 MARGIN_FRACTION = 0.01
 """Margin added around the breast bounding box, as a share of the image's long side."""
-EDGE_BAND_MAX = 0.05
-"""A bright band along an image edge at most this thick (share of the side) is a border strip..."""
-EDGE_BAND_FILL = 0.8
-"""...when each of its lines is at least this full..."""
-EDGE_BAND_DROP = 0.25
-"""...and the first line inside it is emptier by at least this much (a breast fades gradually)."""
 SIDE_BAND = 0.1
 """Share of the crop width compared on each side to find the chest wall."""
 SIDE_MIN_DIFFERENCE = 0.05
@@ -116,7 +113,8 @@ def find_breast(image: np.ndarray, config: PreprocessConfig) -> BreastRegion:
     """Locate the breast in a [0, 1] image (dense tissue bright).
 
     The threshold is ``config.crop_threshold``, lowered to Otsu's when that is lower (a faint
-    breast next to a bright label). A uniform or nearly empty image raises
+    breast next to a bright label); the breast found at it is then grown into connected faint
+    tissue (:func:`_grow_into_faint_tissue`). A uniform or nearly empty image raises
     InputError("no breast tissue found"); an image with no separable background (tissue
     everywhere, or noise only) is used whole, since cutting tissue is worse than keeping air.
     """
@@ -126,7 +124,7 @@ def find_breast(image: np.ndarray, config: PreprocessConfig) -> BreastRegion:
     grey = cv2.medianBlur(np.clip(small * 255.0 + 0.5, 0, 255).astype(np.uint8), 5)
     otsu, _ = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     level = min(float(otsu), config.crop_threshold * 255.0)
-    mask = _remove_edge_bands(grey > level)
+    mask = remove_edge_bands(grey > level)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
     opened = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, kernel)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
@@ -134,7 +132,7 @@ def find_breast(image: np.ndarray, config: PreprocessConfig) -> BreastRegion:
     if count <= 1 or areas.max() < MIN_TISSUE_FRACTION * sh * sw:
         covered = 0.0 if count <= 1 else float(areas.max()) / (sh * sw)
         raise InputError(f"no breast tissue found (largest bright region covers {covered:.1%} of the image)")
-    breast = labels == 1 + int(np.argmax(areas))
+    breast = _grow_into_faint_tissue(grey, labels == 1 + int(np.argmax(areas)), level, kernel)
 
     y0, y1 = _extent(breast.mean(axis=1), config.crop_min_fraction)
     x0, x1 = _extent(breast.mean(axis=0), config.crop_min_fraction)
@@ -149,6 +147,27 @@ def find_breast(image: np.ndarray, config: PreprocessConfig) -> BreastRegion:
         min(width, math.ceil(x1 * fx) + margin),
     )
     return BreastRegion(crop_box=box, chest_wall=chest_wall)
+
+
+def _grow_into_faint_tissue(
+    grey: np.ndarray, core: np.ndarray, level: float, kernel: np.ndarray
+) -> np.ndarray:
+    """Hysteresis: add to the breast ``core`` the faint tissue connected to it.
+
+    Windows that compress the low end (a SIGMOID function, a sigmoid-shaped VOI LUT) leave the
+    subcutaneous fat and skin line below ``level``, and the crop cut them off (1-3 % of the
+    image at each tip). Everything above the background's noise floor
+    (:func:`inference.voi.noise_floor` of the pixels below ``level``) that is connected to the
+    core is breast too. Border strips are removed from the weak mask as from the strong one,
+    so a strip touching the breast does not join it.
+    """
+    dark = grey[grey <= level]
+    if dark.size == 0:
+        return core
+    weak = remove_edge_bands(grey > noise_floor(dark))
+    opened = cv2.morphologyEx(weak.astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool) | core
+    _, labels = cv2.connectedComponents(opened.astype(np.uint8), connectivity=8)
+    return np.asarray(labels == labels[core][0])
 
 
 def _as_grey(pixels: np.ndarray) -> np.ndarray:
@@ -181,25 +200,6 @@ def _downsample(image: np.ndarray) -> np.ndarray:
         return image
     size = (max(1, round(width / factor)), max(1, round(height / factor)))
     return np.asarray(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
-
-
-def _remove_edge_bands(mask: np.ndarray) -> np.ndarray:
-    """Clear thin, nearly full bands along the image edges (collimator or scanner borders).
-
-    A band qualifies when it is at most EDGE_BAND_MAX thick, each line is EDGE_BAND_FILL full,
-    and the line just inside is clearly emptier: a breast touching the edge fades gradually
-    and is kept, a strip ends abruptly.
-    """
-    mask = mask.copy()
-    views = (mask, mask[::-1], mask.T, mask.T[::-1])  # top, bottom, left, right (writable views)
-    for view in views:
-        fill = view.mean(axis=1)
-        limit = max(1, math.ceil(EDGE_BAND_MAX * view.shape[0]))
-        full = fill[: limit + 1] >= EDGE_BAND_FILL
-        thickness = int(np.argmin(full)) if not full.all() else limit + 1
-        if 0 < thickness <= limit and fill[thickness] <= fill[:thickness].min() - EDGE_BAND_DROP:
-            view[:thickness] = False
-    return mask
 
 
 def _extent(fill: np.ndarray, min_fraction: float) -> tuple[int, int]:

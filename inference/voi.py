@@ -17,10 +17,12 @@ The MONOCHROME1 inversion happens here and nowhere else: everything downstream o
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -33,6 +35,14 @@ FallbackMethod = Literal["percentile", "minmax"]
 
 PERCENTILES = (0.5, 99.5)
 """Robust ends of the ``percentile`` fallback window (outliers: noise, labels, dead pixels)."""
+AIR_NOISE_SIGMAS = 3.0
+"""The ``percentile`` window starts this many air-noise deviations above the air level."""
+EDGE_BAND_MAX = 0.05
+"""A bright band along an image edge at most this thick (share of the side) is a border strip..."""
+EDGE_BAND_FILL = 0.8
+"""...when each of its lines is at least this full..."""
+EDGE_BAND_DROP = 0.25
+"""...and the first line inside it is emptier by at least this much (a breast fades gradually)."""
 
 _TABLE_MAX_SPAN = 1 << 20  # integer inputs whose range fits are mapped through a lookup table
 _SAMPLE_PIXELS = 250_000  # pixels sampled for the fallback statistics
@@ -234,21 +244,19 @@ def fallback_window(
 ) -> np.ndarray:
     """Seed-003 windowing for files without VOI: clip to [low, high], then min-max to [0, 1].
 
-    ``minmax``: low/high are the image minimum and maximum. ``percentile``: an Otsu threshold
-    splits background from tissue (tissue above it unless MONOCHROME1); the window runs from
-    the robust end of the background (its 99.5th percentile) to the robust far end of the
-    tissue (its 99.5th percentile), so burned-in labels and dead pixels do not squash the
-    contrast, and the faint skin-line tissue between background and Otsu threshold stays above
-    black (the crop and the model both need it). Without a separable background (less than
-    1 % on either side) the window is the 0.5-99.5 percentiles of the whole image.
-    A uniform image maps to zeros (preprocessing then reports it).
+    ``minmax``: low/high are the image minimum and maximum. ``percentile``: the window runs
+    from just above the air (its noise floor) to the robust far end of the breast (the 99.5th
+    percentile of the breast region), so that the whole breast, skin line included, is above
+    black and neither burned-in labels, collimator strips nor dead pixels squash its contrast.
+    See :func:`percentile_window` for how air and breast are told apart. A uniform image maps
+    to zeros (preprocessing then reports it).
     """
     if pixels.size == 0:
         raise InputError("empty image")
     if method == "minmax":
         low, high = float(np.min(pixels)), float(np.max(pixels))
     elif method == "percentile":
-        low, high = _percentile_window(pixels, tissue_bright)
+        low, high = percentile_window(pixels, tissue_bright=tissue_bright)
     else:
         raise ValueError(f"unknown fallback window {method!r}")
     if not high > low:
@@ -257,42 +265,126 @@ def fallback_window(
     return _map(pixels, lambda x: np.clip((x - low) * scale, 0.0, 1.0))
 
 
-def _percentile_window(pixels: np.ndarray, tissue_bright: bool) -> tuple[float, float]:
-    """Window from where the background ends to the robust far end of the tissue."""
+def percentile_window(pixels: np.ndarray, *, tissue_bright: bool = True) -> tuple[float, float]:
+    """The ``percentile`` fallback window (low, high) in the units of ``pixels``.
+
+    A mammogram's histogram has more than two modes: air, tissue, and often a third, small but
+    far away: a collimator or scanner-border strip and burned-in text (as bright as the
+    brightest tissue or brighter), a silicone implant, the pectoral muscle. A two-class Otsu
+    split then separates that mode from everything else, air and breast land in one class, and
+    the window misses the breast (for MONOCHROME1 it went entirely black). So:
+
+    * the air/tissue boundary is the air-side threshold of a *three*-class Otsu, which keeps
+      air a class of its own whatever extra mode is present;
+    * the window starts at the air's noise floor (its median plus AIR_NOISE_SIGMAS noise
+      deviations, the noise measured on the air's dark half, which faint tissue cannot reach),
+      at most the 99.5th percentile of the air class; so the faint skin line stays above black;
+    * the window ends at the 99.5th percentile of the breast: the largest connected region
+      above the threshold once thin bands along the image edges are removed, the same test the
+      crop uses (:func:`remove_edge_bands`). Strips and labels lie outside it.
+
+    Statistics come from a strided sample of about _SAMPLE_PIXELS pixels (a few milliseconds
+    even for a 3328x2560 image). Without a separable background (less than 1 % on either side
+    of the threshold) the window is the 0.5-99.5 percentiles of the whole image.
+    """
     step = max(1, int(np.ceil(np.sqrt(pixels.size / _SAMPLE_PIXELS))))
     sample = np.asarray(pixels[::step, ::step] if pixels.ndim == 2 else pixels[::step], dtype=np.float64)
-    sample = sample[np.isfinite(sample)].ravel()
-    if sample.size == 0:
+    oriented = sample if tissue_bright else -sample  # from here on tissue is high, air low
+    finite = np.isfinite(oriented)
+    values = oriented[finite]
+    if values.size == 0:
         raise InputError("image has no finite pixel values")
-    threshold = otsu_threshold(sample)
-    upper, lower = sample[sample > threshold], sample[sample <= threshold]
-    tissue, background = (upper, lower) if tissue_bright else (lower, upper)
-    if min(tissue.size, background.size) < 0.01 * sample.size:  # no separable background
-        low, high = np.percentile(sample, PERCENTILES)
-    elif tissue_bright:
-        low, high = np.percentile(background, PERCENTILES[1]), np.percentile(tissue, PERCENTILES[1])
+    threshold = otsu_thresholds3(values)[0]
+    tissue = finite & (oriented > threshold)
+    n_tissue = int(np.count_nonzero(tissue))
+    if min(n_tissue, values.size - n_tissue) < 0.01 * values.size:  # no separable background
+        low, high = (float(v) for v in np.percentile(values, PERCENTILES))
     else:
-        low, high = np.percentile(tissue, PERCENTILES[0]), np.percentile(background, PERCENTILES[0])
+        low = noise_floor(oriented[finite & ~tissue])
+        breast = _largest_region(tissue) if oriented.ndim == 2 else tissue
+        high = float(np.percentile(oriented[breast], PERCENTILES[1]))
     if not high > low:
-        low, high = float(sample.min()), float(sample.max())
-    return float(low), float(high)
+        low, high = float(values.min()), float(values.max())
+    return (low, high) if tissue_bright else (-high, -low)
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of any-range values (the upper edge of the last background bin)."""
+def noise_floor(air: np.ndarray) -> float:
+    """Where the air ends: its median plus AIR_NOISE_SIGMAS deviations, at most its 99.5th
+    percentile. ``air`` is the class below an air/tissue threshold (air plus the faintest
+    tissue). The deviation is measured below the median (median minus 15.87th percentile, one
+    sigma of a normal distribution) because faint tissue under the threshold only ever adds
+    values above the air, while the dark half is pure detector noise. Also used by the crop
+    (:func:`inference.preprocessing.find_breast`) to follow the faint skin line."""
+    one_sigma_below, median, robust_end = np.percentile(air, [15.87, 50.0, PERCENTILES[1]])
+    return float(min(robust_end, median + AIR_NOISE_SIGMAS * (median - one_sigma_below)))
+
+
+def _largest_region(mask: np.ndarray) -> np.ndarray:
+    """The breast in a tissue mask: edge bands cleared, specks opened away, largest component.
+
+    When nothing survives the cleaning (tissue only in thin slivers) the mask is kept as is,
+    so the window never depends on an empty set.
+    """
+    cleaned = remove_edge_bands(mask)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
+    opened = cv2.morphologyEx(cleaned.astype(np.uint8), cv2.MORPH_OPEN, kernel)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
+    if count <= 1:
+        return mask
+    return np.asarray(labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])))
+
+
+def remove_edge_bands(mask: np.ndarray) -> np.ndarray:
+    """Clear thin, nearly full bands along the image edges (collimator or scanner borders).
+
+    A band qualifies when it is at most EDGE_BAND_MAX thick, each line is EDGE_BAND_FILL full,
+    and the line just inside is clearly emptier: a breast touching the edge fades gradually
+    and is kept, a strip ends abruptly. Shared by the fallback window and the crop
+    (:func:`inference.preprocessing.find_breast`), so both agree on what a strip is.
+    Returns a new mask; ``mask`` is not modified.
+    """
+    mask = np.array(mask, dtype=bool)
+    views = (mask, mask[::-1], mask.T, mask.T[::-1])  # top, bottom, left, right (writable views)
+    for view in views:
+        lines = view.shape[0]
+        if lines < 2:
+            continue
+        fill = view.mean(axis=1)
+        limit = min(max(1, math.ceil(EDGE_BAND_MAX * lines)), lines - 1)
+        full = fill[: limit + 1] >= EDGE_BAND_FILL
+        thickness = int(np.argmin(full)) if not full.all() else limit + 1
+        if 0 < thickness <= limit and fill[thickness] <= fill[:thickness].min() - EDGE_BAND_DROP:
+            view[:thickness] = False
+    return mask
+
+
+def otsu_thresholds3(values: np.ndarray, bins: int = 256) -> tuple[float, float]:
+    """The two thresholds of a three-class Otsu split of any-range values (ascending).
+
+    Each threshold is the upper edge of the last bin of the class below it. Exhaustive over the
+    ``bins`` x ``bins`` pairs, vectorised (a 256-bin histogram costs about two milliseconds):
+    maximising the between-class variance equals maximising sum(S_k^2 / P_k) over the classes,
+    with P_k the class weight and S_k its first moment.
+    """
     lo, hi = float(values.min()), float(values.max())
     if not hi > lo:
-        return lo
+        return lo, lo
     hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    weights = hist.astype(np.float64)
-    centers = (edges[:-1] + edges[1:]) / 2.0
-    w0 = np.cumsum(weights)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(weights * centers)
-    mean0 = m0 / np.maximum(w0, 1e-12)
-    mean1 = (m0[-1] - m0) / np.maximum(w1, 1e-12)
-    between = w0 * w1 * (mean0 - mean1) ** 2
-    return float(edges[int(np.argmax(between[:-1])) + 1])
+    weight = np.concatenate(([0.0], np.cumsum(hist, dtype=np.float64)))
+    centers = (edges[:-1] + edges[1:]) / 2.0 - (lo + hi) / 2.0  # centred: same argmax, no cancellation
+    moment = np.concatenate(([0.0], np.cumsum(hist * centers)))
+
+    def term(start: np.ndarray | int, stop: np.ndarray | int) -> np.ndarray:
+        w = weight[stop] - weight[start]
+        s = moment[stop] - moment[start]
+        return np.asarray(np.where(w > 0, s * s / np.maximum(w, 1e-12), 0.0))
+
+    # class 0 = bins [0, i), class 1 = [i, j), class 2 = [j, bins), 1 <= i < j <= bins - 1
+    i = np.arange(1, bins)[:, None]
+    j = np.arange(1, bins)[None, :]
+    score = np.where(j > i, term(0, i) + term(i, j) + term(j, bins), -np.inf)
+    first, second = np.unravel_index(int(np.argmax(score)), score.shape)
+    return float(edges[int(first) + 1]), float(edges[int(second) + 1])
 
 
 def _map(pixels: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:

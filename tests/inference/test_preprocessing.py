@@ -21,6 +21,7 @@ from inference.geometry import grid_to_original, original_to_grid
 from inference.preprocessing import find_breast, preprocess, preprocess_array
 from inference.types import GeometricTransform, ImageMeta, InputError, PreprocessConfig
 from inference.voi import apply_voi
+from training.synth import BreastAnatomy, make_dicom, random_lesion, render_view
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +230,105 @@ def test_bad_arrays_are_input_errors() -> None:
         preprocess_array(image, meta_for(), CONFIG)
 
 
+def check_phantom_file(
+    tmp_path: Path,
+    *,
+    photometric: str,
+    laterality: str,
+    view: str,
+    voi: str,
+    border: str | None = None,
+    implant: bool = False,
+    density: str = "C",
+    seed: int = 17,
+) -> None:
+    """Render a 1024x768 phantom with a mass and a burned-in label, store it as the synthetic
+    data does (``voi="none"`` as a Secondary Capture), preprocess it from the file and check
+    that the crop holds the whole breast and the lesion and that the chest wall is on the left."""
+    rng = np.random.default_rng(seed)
+    rendered = render_view(
+        rng,
+        laterality=laterality,
+        view=view,
+        size=(1024, 768),
+        anatomy=BreastAnatomy.random(rng, density, implant=implant),
+        lesions=[random_lesion(rng, "mass")],
+        bits_stored=14,
+        label=f"{laterality} {view}",
+        border=border,
+        border_fraction=0.03,
+    )
+    assert (rendered.border_box is not None) is (border is not None) and rendered.lesion_boxes
+    ds = make_dicom(
+        rendered.pixels,
+        patient_id="P",
+        study_uid="1.2.826.0.1.3680043.8.498.1",
+        laterality=laterality,
+        view=view,
+        bits_stored=14,
+        photometric=photometric,
+        voi=voi,
+        secondary_capture=voi == "none",
+        breast_mask=rendered.breast_mask,
+    )
+    back = reread(ds, tmp_path)
+    assert ("WindowCenter" in back or "VOILUTSequence" in back) is (voi != "none")
+    result = preprocess(back, PreprocessConfig(input_height=512, input_width=256))
+    ys, xs = np.nonzero(rendered.breast_mask)
+    truth = (int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1)
+    assert_box_fits(result.transform.crop_box, truth, rendered.pixels.shape)
+    y0, y1, x0, x1 = result.transform.crop_box
+    for lesion in rendered.lesion_boxes:
+        assert y0 <= lesion.y0 and lesion.y1 <= y1 and x0 <= lesion.x0 and lesion.x1 <= x1, lesion
+    assert result.transform.flipped is (laterality == "L")
+
+
+@pytest.mark.parametrize(
+    ("photometric", "laterality", "view", "border", "implant"),
+    [
+        ("MONOCHROME1", "R", "CC", "top", False),  # was "no breast tissue found"
+        ("MONOCHROME1", "L", "MLO", "far", False),  # strip + pectoral: crop missed the lesion
+        ("MONOCHROME2", "L", "CC", "bottom", False),
+        ("MONOCHROME2", "R", "MLO", "far", False),
+        ("MONOCHROME2", "L", "CC", None, True),  # implant: crop held only the implant
+    ],
+)
+def test_no_voi_phantom_crop_holds_breast_and_lesion(
+    photometric: str, laterality: str, view: str, border: str | None, implant: bool, tmp_path: Path
+) -> None:
+    """Mammograms without VOI (the percentile fallback) with a label and a collimator strip or
+    an implant."""
+    check_phantom_file(
+        tmp_path,
+        photometric=photometric,
+        laterality=laterality,
+        view=view,
+        voi="none",
+        border=border,
+        implant=implant,
+    )
+
+
+@pytest.mark.parametrize(
+    ("photometric", "laterality", "view", "voi", "seed"),
+    [
+        ("MONOCHROME2", "R", "CC", "lut", 17),
+        ("MONOCHROME1", "L", "MLO", "lut", 17),
+        ("MONOCHROME1", "R", "CC", "lut", 35),  # the dark chest-wall fat also turned the breast round
+        ("MONOCHROME2", "L", "CC", "sigmoid", 17),
+    ],
+)
+def test_dark_skin_line_window_crop_holds_breast(
+    photometric: str, laterality: str, view: str, voi: str, seed: int, tmp_path: Path
+) -> None:
+    """The file's own VOI is a sigmoid (VOI LUT Sequence or SIGMOID function): the skin line and
+    subcutaneous fat come out nearly black, under the crop threshold. The crop follows the
+    faint tissue connected to the breast instead of cutting 1-3 % off each tip."""
+    check_phantom_file(
+        tmp_path, photometric=photometric, laterality=laterality, view=view, voi=voi, seed=seed
+    )
+
+
 # ---------------------------------------------------------------------------- orientation
 
 
@@ -374,12 +474,21 @@ def test_preprocess_array_accepts_rgb_and_any_range() -> None:
 
 
 @pytest.mark.slow
-def test_full_size_mammogram_is_fast() -> None:
-    """3328x2560 uint16 after decode: VOI + preprocessing well under 0.5 s on one core."""
+@pytest.mark.parametrize("voi", ["window", "fallback"])
+def test_full_size_mammogram_is_fast(voi: str) -> None:
+    """3328x2560 uint16 after decode: VOI (the file's window, or the percentile fallback with
+    its statistics) + preprocessing well under 0.5 s on one core."""
     small, _ = phantom(832, 640)
     image = cv2.resize(small, (2560, 3328), interpolation=cv2.INTER_LINEAR)
+    image[:60, :] = 0.95  # a collimator strip for the fallback to exclude
     stored = np.rint(image * 4095).astype(np.uint16)
-    ds = to_dicom(np.zeros((2, 2), dtype=np.float32))
+    if voi == "window":
+        ds = to_dicom(np.zeros((2, 2), dtype=np.float32))
+    else:
+        ds = to_dicom(
+            np.zeros((2, 2), dtype=np.float32), monochrome1=True, WindowCenter=None, WindowWidth=None
+        )
+        stored = (4095 - stored).astype(np.uint16)
     config = PreprocessConfig()
     meta = meta_for("R", stored.shape)
     threads = cv2.getNumThreads()
@@ -392,7 +501,7 @@ def test_full_size_mammogram_is_fast() -> None:
             best = min(best, time.perf_counter() - start)
     finally:
         cv2.setNumThreads(threads)
-    logger.info("3328x2560 VOI + preprocess: %.3f s", best)
+    logger.info("3328x2560 VOI (%s) + preprocess: %.3f s", voi, best)
     assert result.pixels.shape == (1024, 512)
     assert best < 0.5
 

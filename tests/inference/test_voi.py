@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
@@ -15,7 +16,18 @@ from pydicom.pixels import apply_windowing
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from inference.voi import Window, apply_voi, apply_window, fallback_window, read_voi_lut, read_window
+from inference.voi import (
+    Window,
+    apply_voi,
+    apply_window,
+    fallback_window,
+    otsu_thresholds3,
+    percentile_window,
+    read_voi_lut,
+    read_window,
+    remove_edge_bands,
+)
+from training.synth import BreastAnatomy, RenderedView, render_view
 
 
 def voi_dataset(
@@ -241,3 +253,121 @@ def test_sigmoid_is_symmetric_about_the_centre() -> None:
     window = Window(center=0.0, width=10.0, function="SIGMOID")
     out = apply_window(np.asarray([-5.0, 5.0]), window)
     assert math.isclose(float(out[0] + out[1]), 1.0, abs_tol=1e-6)
+
+
+# ---------------------------------------------------------------------------- fallback on phantoms
+# Regression: a two-class Otsu split put a bright collimator strip (or an implant) in one class
+# and air + breast in the other, so the window missed the breast; MONOCHROME1 images went black
+# ("no breast tissue found"), others lost the skin line or all tissue outside the implant.
+
+
+def no_voi_phantom(
+    photometric: str, view: str, *, border: str | None, implant: bool = False, seed: int = 0, bits: int = 14
+) -> tuple[RenderedView, np.ndarray]:
+    """A 1024x768 phantom with a burned-in label (and strip/implant) as stored in a file
+    without VOI: MONOCHROME2-sense pixels inverted for MONOCHROME1."""
+    rng = np.random.default_rng(seed)
+    laterality = "R" if seed % 2 == 0 else "L"
+    rendered = render_view(
+        rng,
+        laterality=laterality,
+        view=view,
+        size=(1024, 768),
+        anatomy=BreastAnatomy.random(rng, "B", implant=implant),
+        bits_stored=bits,
+        label=f"{laterality} {view}",
+        border=border,
+        border_fraction=0.03,
+    )
+    assert (rendered.border_box is not None) is (border is not None)  # the strip is really there
+    assert rendered.label_box is not None
+    maxval = (1 << bits) - 1
+    stored = maxval - rendered.pixels if photometric == "MONOCHROME1" else rendered.pixels
+    return rendered, np.ascontiguousarray(stored, dtype=np.uint16)
+
+
+def _box_mask(shape: tuple[int, ...], boxes: list[tuple[int, int, int, int] | None]) -> np.ndarray:
+    mask = np.zeros(shape[:2], dtype=bool)
+    for box in boxes:
+        if box is not None:
+            y0, x0, y1, x1 = box
+            mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def assert_breast_windowed(out: np.ndarray, rendered: RenderedView) -> None:
+    """The whole breast above black with full contrast, the air black, the strip clipped."""
+    breast = rendered.breast_mask
+    assert np.mean(out[breast] > 0.0) > 0.999  # the faint skin line is kept above black
+    assert np.percentile(out[breast], 99) > 0.9  # no strip or label squashes the contrast
+    near = cv2.dilate(
+        (breast | _box_mask(out.shape, [rendered.border_box, rendered.label_box])).astype(np.uint8),
+        np.ones((9, 9), np.uint8),
+    )
+    assert np.mean(out[near == 0] == 0.0) > 0.99  # air starts the window
+    if rendered.border_box is not None:
+        y0, x0, y1, x1 = rendered.border_box
+        assert np.median(out[y0:y1, x0:x1]) > 0.9  # the strip stays bright: it is not air
+
+
+@pytest.mark.parametrize(
+    ("photometric", "view", "border", "seed"),
+    [
+        ("MONOCHROME1", "CC", "top", 0),  # the reported "no breast tissue found"
+        ("MONOCHROME1", "CC", "bottom", 1),
+        ("MONOCHROME1", "MLO", "far", 3),  # strip + pectoral muscle
+        ("MONOCHROME2", "CC", "far", 2),
+        ("MONOCHROME2", "MLO", "bottom", 5),
+    ],
+)
+def test_percentile_fallback_ignores_border_strip(
+    photometric: str, view: str, border: str, seed: int
+) -> None:
+    rendered, stored = no_voi_phantom(photometric, view, border=border, seed=seed)
+    out = apply_voi(stored, voi_dataset(photometric, bits=14))
+    assert_breast_windowed(out, rendered)
+
+
+@pytest.mark.parametrize(("photometric", "view"), [("MONOCHROME2", "CC"), ("MONOCHROME1", "MLO")])
+def test_percentile_fallback_with_implant_keeps_the_tissue(photometric: str, view: str) -> None:
+    """A silicone implant, far denser than tissue, is a mode of its own: the window still
+    starts at the air, so the tissue around the implant stays visible."""
+    rendered, stored = no_voi_phantom(photometric, view, border=None, implant=True, seed=4)
+    out = apply_voi(stored, voi_dataset(photometric, bits=14))
+    assert_breast_windowed(out, rendered)
+    assert np.percentile(out[rendered.breast_mask], 10) > 0.15  # fatty tissue is not squashed to black
+
+
+def test_percentile_window_orientation_is_symmetric() -> None:
+    """MONOCHROME1 stored values give the mirrored window of the same image as MONOCHROME2."""
+    _, stored = no_voi_phantom("MONOCHROME2", "CC", border="top", seed=0)
+    low, high = percentile_window(stored, tissue_bright=True)
+    inverted = (16383 - stored).astype(np.uint16)
+    low1, high1 = percentile_window(inverted, tissue_bright=False)
+    assert (low1, high1) == pytest.approx((16383 - high, 16383 - low))
+
+
+def test_three_class_otsu_keeps_air_a_class_of_its_own() -> None:
+    """Air, tissue and a small far strip: the lower threshold separates air from tissue (a
+    two-class split of these values puts air and tissue together, against the strip)."""
+    rng = np.random.default_rng(0)
+    air, tissue, strip = (
+        rng.normal(100, 5, 50_000),
+        rng.normal(1000, 100, 30_000),
+        rng.normal(6000, 10, 6_000),
+    )
+    low, high = otsu_thresholds3(np.concatenate([air, tissue, strip]))
+    assert air.max() < low < tissue.min() and low < high
+    assert otsu_thresholds3(np.full(10, 3.0)) == (3.0, 3.0)
+
+
+def test_remove_edge_bands_clears_strips_keeps_breast() -> None:
+    mask = np.zeros((100, 80), dtype=bool)
+    yy, xx = np.mgrid[0:100, 0:80]
+    mask[((yy - 50) / 40.0) ** 2 + (xx / 50.0) ** 2 <= 1.0] = True  # breast on the left edge
+    mask[:4, :] = True  # strip along the top
+    mask[:, -3:] = True  # strip along the right
+    cleaned = remove_edge_bands(mask)
+    assert not cleaned[:4, 20:].any() and not cleaned[:, -3:].any()
+    np.testing.assert_array_equal(cleaned[4:, :-3], mask[4:, :-3])  # the breast is untouched
+    assert mask[:4].all()  # the input is not modified
