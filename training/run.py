@@ -204,12 +204,12 @@ def run_evaluate(
     from inference.backends.registry import load_backend
     from training.evaluate import evaluate_predictions, predict_samples, write_plots
 
+    if aggregation is not None and aggregation not in AGGREGATIONS:  # before the slow model load
+        raise InputError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
     model_path = resolve_model_dir(model_dir)
     engine = load_backend(backend, model_path)
     manifest = engine.manifest
     method = aggregation or manifest.aggregation
-    if method not in AGGREGATIONS:
-        raise InputError(f"unknown aggregation {method!r}; choose one of {', '.join(AGGREGATIONS)}")
     samples = _rsna_samples(dataset, manifest.preprocess, workers)
     predictions = predict_samples(engine, samples)
     report = evaluate_predictions(

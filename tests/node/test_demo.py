@@ -113,7 +113,9 @@ def test_score_step_sees_the_synthetic_files_which_are_removed_afterwards(
 def test_demo_without_the_training_extra_says_how_to_install_it(
     test_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "training.synth", None)  # makes `import training.synth` fail
+    # makes `import training.synth.studies` fail, as in a serving-only install
+    monkeypatch.setitem(sys.modules, "training.synth", None)
+    monkeypatch.setitem(sys.modules, "training.synth.studies", None)
     out = tmp_path / "out"
     code, stdout, stderr = _demo("--out", out, "--model", test_model)
     assert code == 1

@@ -22,6 +22,8 @@ DEMO_SIZE = (1024, 768)
 synthesise and score in seconds on a laptop CPU."""
 
 DEMO_TRANSFER_SYNTAX = "explicit"
+DEMO_LESION_CONTRAST = 1.5
+"""The lesion contrast the bundled demo model was trained on (see its MODEL_CARD.md)."""
 MAX_ATTEMPTS = 20
 """The generator sometimes adds a repeated view or drops one, as real screening does; the demo
 wants two complete 4-view exams, so it tries the next seed (deterministically) until it gets them."""
@@ -53,6 +55,7 @@ def synthesise_studies(workdir: Path, seed: int, size: tuple[int, int] = DEMO_SI
             cancer_rate=0.5,  # exactly one of the two patients has cancer
             size=size,
             transfer_syntax=DEMO_TRANSFER_SYNTAX,
+            lesion_contrast=DEMO_LESION_CONTRAST,
         )
         by_patient: dict[int, list[RsnaRecord]] = {}
         for record in load_rsna(root):
