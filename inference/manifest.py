@@ -174,18 +174,22 @@ def save_manifest(manifest: ModelManifest, model_dir: Path) -> Path:
     """Write ``model_dir/model.json`` atomically (temp file + rename), so a reader never sees half."""
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / MANIFEST_FILE
-    text = dumps(manifest.to_dict()) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".model.json.", suffix=".tmp")
+    atomic_write_bytes(path, (dumps(manifest.to_dict()) + "\n").encode("utf-8"))
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a synced temp file and a rename, so a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         Path(tmp).replace(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def file_sha256(path: Path) -> str:

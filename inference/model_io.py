@@ -13,8 +13,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,24 +20,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from inference.manifest import ModelManifest, file_sha256, load_manifest, save_manifest
+from inference.manifest import ModelManifest, atomic_write_bytes, file_sha256, load_manifest, save_manifest
 from inference.model import MammoNet, build_model
 from inference.types import InputError
 
 logger = logging.getLogger(__name__)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(model: MammoNet, manifest: ModelManifest, model_dir: Path) -> ModelManifest:
@@ -61,7 +46,7 @@ def save_model(model: MammoNet, manifest: ModelManifest, model_dir: Path) -> Mod
     info = {"name": manifest.name, "version": manifest.version, "architecture": model.architecture}
     data = save_safetensors(state, metadata={"mammonode": json.dumps(info, sort_keys=True)})
     path = model_dir / manifest.weights_file
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)
     sha = file_sha256(path)
     saved = dataclasses.replace(manifest, weights_sha256=sha)
     if manifest.weights_sha256 and manifest.weights_sha256 != sha:

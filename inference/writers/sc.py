@@ -23,6 +23,7 @@ from pydicom.uid import RLELossless
 
 from inference.types import AlgorithmInfo, InputError
 from inference.uids import derive_uid, is_valid_uid
+from inference.writers.common import algorithm_key, fit
 
 logger = logging.getLogger(__name__)
 
@@ -41,22 +42,6 @@ _LT_MAX = 10240
 _UID_NAMESPACE = "mammonode/cam-sc/v1"
 
 
-def _fit(text: str, limit: int) -> str:
-    """Truncate to a VR's maximum length; an over-long value would make the object invalid."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _algorithm_key(algorithm: AlgorithmInfo) -> tuple[str, ...]:
-    """Every field of the algorithm that changes the content of the output object."""
-    return (
-        algorithm.name,
-        algorithm.version,
-        algorithm.weights_sha256,
-        repr(float(algorithm.threshold)),
-        algorithm.notice or "",
-    )
-
-
 def cam_sc_uids(
     source_sop_uid: str, algorithm: AlgorithmInfo, study_uid: str, result_version: int = 1
 ) -> tuple[str, str]:
@@ -73,7 +58,7 @@ def cam_sc_uids(
         raise ValueError(f"invalid Study Instance UID {study_uid!r}")
     if result_version < 1:
         raise ValueError(f"result_version must be >= 1, got {result_version}")
-    key = _algorithm_key(algorithm)
+    key = algorithm_key(algorithm)
     series_uid = derive_uid(_UID_NAMESPACE, "series", study_uid, *key, str(result_version))
     sop_uid = derive_uid(_UID_NAMESPACE, "instance", study_uid, source_sop_uid, *key, str(result_version))
     return series_uid, sop_uid
@@ -147,8 +132,8 @@ def build_cam_sc(
     laterality = _source_laterality(source)
     orientation = _source_patient_orientation(source)
     software_versions = [
-        _fit(f"{algorithm.name} {algorithm.version}", _LO_MAX),
-        _fit(f"sha256:{algorithm.weights_sha256}", _LO_MAX),
+        fit(f"{algorithm.name} {algorithm.version}", _LO_MAX),
+        fit(f"sha256:{algorithm.weights_sha256}", _LO_MAX),
     ]
     sc = highdicom.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
@@ -166,7 +151,7 @@ def build_cam_sc(
         patient_orientation=("A", "F"),
         transfer_syntax_uid=RLELossless,
         series_description=SERIES_DESCRIPTION,
-        manufacturer_model_name=_fit(algorithm.name, _LO_MAX),
+        manufacturer_model_name=fit(algorithm.name, _LO_MAX),
         software_versions=software_versions,
     )
     # Type 2C: the source orientation when known, else present but empty.
@@ -189,7 +174,7 @@ def build_cam_sc(
     ]
     sc.SourceImageSequence = [source_item]
 
-    sc.DerivationDescription = _fit(
+    sc.DerivationDescription = fit(
         f"Class activation map (seed 003 CAM: logit = mean(M) + b) of model {algorithm.name} "
         f"version {algorithm.version}, weights SHA-256 {algorithm.weights_sha256}, "
         f"from source SOP Instance {source.SOPInstanceUID}; downscaled and blended for display",
@@ -201,7 +186,7 @@ def build_cam_sc(
     ]
     if algorithm.notice:
         comments.append(algorithm.notice)
-    sc.ImageComments = _fit(". ".join(comments), _LT_MAX)
+    sc.ImageComments = fit(". ".join(comments), _LT_MAX)
 
     # Once lossy, always lossy (PS3.3 C.7.6.1.1.5): a capture of a lossy source says so.
     if str(source.get("LossyImageCompression", "")) == "01":

@@ -62,6 +62,7 @@ from pydicom.sr.coding import Code
 
 from inference.types import AlgorithmInfo, ImageScore, InputError, StudyScore
 from inference.uids import derive_uid, is_valid_uid
+from inference.writers.common import algorithm_key, fit
 
 logger = logging.getLogger(__name__)
 
@@ -104,21 +105,6 @@ _SH_MAX = 16
 _LO_MAX = 64
 
 
-def _fit(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _algorithm_key(algorithm: AlgorithmInfo) -> tuple[str, ...]:
-    """Every field of the algorithm that changes the content of the report."""
-    return (
-        algorithm.name,
-        algorithm.version,
-        algorithm.weights_sha256,
-        repr(float(algorithm.threshold)),
-        algorithm.notice or "",
-    )
-
-
 def sr_uids(
     study_uid: str,
     algorithm: AlgorithmInfo,
@@ -141,7 +127,7 @@ def sr_uids(
     bad = [u for u in uids if not is_valid_uid(u)]
     if bad:
         raise ValueError(f"invalid source SOP Instance UID(s): {bad[:3]!r}")
-    key = _algorithm_key(algorithm)
+    key = algorithm_key(algorithm)
     series_uid = derive_uid(_UID_NAMESPACE, "series", study_uid, *key, str(result_version))
     sop_uid = derive_uid(_UID_NAMESPACE, "instance", study_uid, *key, str(result_version), *uids)
     return series_uid, sop_uid
@@ -155,7 +141,7 @@ def aggregation_method_code(method: str) -> Code:
     if name in _PRIVATE_AGGREGATIONS:
         return _PRIVATE_AGGREGATIONS[name]
     value = re.sub(r"[^A-Za-z0-9_.-]", "_", method.strip())[:_SH_MAX] or "unnamed"
-    return Code(value, PRIVATE_SCHEME, _fit(f"MammoNode aggregation {method.strip() or 'unnamed'}", _LO_MAX))
+    return Code(value, PRIVATE_SCHEME, fit(f"MammoNode aggregation {method.strip() or 'unnamed'}", _LO_MAX))
 
 
 def _finding_site(laterality: str | None) -> FindingSite:
@@ -273,7 +259,7 @@ def build_score_sr(
         ],
         manufacturer=MANUFACTURER,
     )
-    key = _algorithm_key(algorithm)
+    key = algorithm_key(algorithm)
     groups: list[MeasurementsAndQualitativeEvaluations] = []
     private_codes: list[Code] = []
 
@@ -392,10 +378,10 @@ def build_score_sr(
         manufacturer=MANUFACTURER,
         is_complete=True,
         series_description=SERIES_DESCRIPTION,
-        manufacturer_model_name=_fit(algorithm.name, _LO_MAX),
+        manufacturer_model_name=fit(algorithm.name, _LO_MAX),
         software_versions=[
-            _fit(f"{algorithm.name} {algorithm.version}", _LO_MAX),
-            _fit(f"sha256:{algorithm.weights_sha256}", _LO_MAX),
+            fit(f"{algorithm.name} {algorithm.version}", _LO_MAX),
+            fit(f"sha256:{algorithm.weights_sha256}", _LO_MAX),
         ],
         coding_schemes=coding_schemes,
     )
