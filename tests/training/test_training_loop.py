@@ -212,7 +212,8 @@ def test_predict_rejects_models_without_cam(data: tuple[ToyBreasts, ToyBreasts])
 
 
 def test_trains_inference_build_model_efficientnet(tmp_path: Path) -> None:
-    model_module = pytest.importorskip("inference.model")
+    import inference.model as model_module
+
     train_set = ToyBreasts(8, positive_every=2, size=(64, 32), seed=2)
     val_set = ToyBreasts(4, positive_every=2, size=(64, 32), seed=3)
     config = _config(tmp_path, architecture="efficientnet_b0", epochs=1, batches_per_epoch=1, batch_ids=2)
