@@ -25,6 +25,7 @@ import numpy as np
 from inference.types import InputError, PreprocessConfig
 from training.datasets.histology import PatchDataset, PatchRecord, load_layout
 from training.metrics import binary_metrics, threshold_for_sensitivity
+from training.plots import write_training_curves
 
 if TYPE_CHECKING:
     from inference.backends.base import Backend
@@ -278,7 +279,7 @@ def run_histology_train(request: TrainRequest) -> Path:
         metrics=metrics,
     )
     save_manifest(manifest, model_dir)
-    _write_curves(result.history, request.out)
+    write_training_curves(result.history, request.out)
     patch = figures["patch"]
     logger.info(
         "validation patches: AUC %.3f, sensitivity %.3f, specificity %.3f at threshold %.3f",
@@ -288,13 +289,6 @@ def run_histology_train(request: TrainRequest) -> Path:
         threshold,
     )
     return model_dir
-
-
-def _write_curves(history: list[dict[str, float]], out: Path) -> None:
-    from training.plots import plot_training_curves
-
-    if history:
-        plot_training_curves(history, out / "training_curves.png")
 
 
 def evaluate_histology(

@@ -124,3 +124,10 @@ def plot_training_curves(
     ax_lr.set(xlabel="epoch", ylabel="learning rate")
     ax_lr.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def write_training_curves(history: list[dict[str, Any]], run_dir: Path) -> Path | None:
+    """``run_dir/training_curves.png`` for a finished run; nothing when no epoch was recorded."""
+    if not history:
+        return None
+    return plot_training_curves(history, run_dir / "training_curves.png")

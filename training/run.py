@@ -79,6 +79,7 @@ def run_train(request: TrainRequest) -> Path:
     from training.loop import TrainConfig, train
     from training.mammo_dataset import MammoTensorDataset
     from training.metrics import binary_metrics, threshold_for_sensitivity
+    from training.plots import write_training_curves
     from training.sampler import split_by_patient
 
     config = PreprocessConfig(input_height=request.input_size[0], input_width=request.input_size[1])
@@ -163,15 +164,8 @@ def run_train(request: TrainRequest) -> Path:
         },
     )
     save_manifest(manifest, model_dir)
-    _write_curves(result.history, request.out)
+    write_training_curves(result.history, request.out)
     return model_dir
-
-
-def _write_curves(history: list[dict[str, Any]], out: Path) -> None:
-    from training.plots import plot_training_curves
-
-    if history:
-        plot_training_curves(history, out / "training_curves.png")
 
 
 def run_evaluate(
