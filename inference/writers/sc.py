@@ -133,7 +133,7 @@ def build_cam_sc(
     orientation = _source_patient_orientation(source)
     software_versions = [
         fit(f"{algorithm.name} {algorithm.version}", _LO_MAX),
-        fit(f"sha256:{algorithm.weights_sha256}", _LO_MAX),
+        fit(f"sha256:{algorithm.weights_sha256}", _LO_MAX - 1),  # odd total length is padded to 65
     ]
     sc = highdicom.sc.SCImage.from_ref_dataset(
         ref_dataset=source,

@@ -381,7 +381,7 @@ def build_score_sr(
         manufacturer_model_name=fit(algorithm.name, _LO_MAX),
         software_versions=[
             fit(f"{algorithm.name} {algorithm.version}", _LO_MAX),
-            fit(f"sha256:{algorithm.weights_sha256}", _LO_MAX),
+            fit(f"sha256:{algorithm.weights_sha256}", _LO_MAX - 1),  # odd total length is padded to 65
         ],
         coding_schemes=coding_schemes,
     )
