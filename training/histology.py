@@ -182,7 +182,7 @@ def run_histology_train(request: TrainRequest) -> Path:
     from inference.model import build_model
     from inference.model_io import save_model
     from training.ddp import launched_as_worker
-    from training.loop import TrainConfig, train
+    from training.loop import train
     from training.transforms import AugmentConfig
 
     _check_layout(request.layout)
@@ -194,20 +194,9 @@ def run_histology_train(request: TrainRequest) -> Path:
     for dataset in (train_set, val_set):
         dataset.preload(request.workers)
 
-    config = TrainConfig(
-        architecture=request.architecture,
-        out_dir=request.out,
-        epochs=request.epochs,
-        batch_ids=request.batch_ids,
-        batches_per_epoch=request.batches_per_epoch,
-        lr=request.lr,
-        amp=request.amp,
-        device=request.device,
-        seed=request.seed,
-        resume=request.resume,
+    config = request.loop_config(
         class_weighting="balanced",  # seed 002's class weights
         balanced_sampling=False,  # weights already balance; both would over-weight malignant
-        augment=True,
         # Seed 002's ImageDataGenerator: rotation 20 degrees, shift 0.1, small shear, flips.
         augmentation=AugmentConfig(max_rotation_deg=20.0, max_translate=0.1, max_shear_deg=3.0),
     )

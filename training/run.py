@@ -14,12 +14,15 @@ import shlex
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from inference.bundled import resolve_model_dir
 from inference.types import InputError, PreprocessConfig
+
+if TYPE_CHECKING:
+    from training.loop import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,25 @@ class TrainRequest:
     version: str = "0.1.0"
     synthetic: bool = False
     target_sensitivity: float = 0.9
+
+    def loop_config(self, **overrides: Any) -> TrainConfig:
+        """The training-loop settings this request asks for; callers add layout-specific ones."""
+        from training.loop import TrainConfig
+
+        settings: dict[str, Any] = {
+            "architecture": self.architecture,
+            "epochs": self.epochs,
+            "batch_ids": self.batch_ids,
+            "batches_per_epoch": self.batches_per_epoch,
+            "lr": self.lr,
+            "amp": self.amp,
+            "device": self.device,
+            "seed": self.seed,
+            "out_dir": self.out,
+            "resume": self.resume,
+            "augment": True,
+        }
+        return TrainConfig(**{**settings, **overrides})
 
 
 def _rsna_samples(root: Path, config: PreprocessConfig, workers: int) -> list[Any]:
@@ -76,7 +98,7 @@ def run_train(request: TrainRequest) -> Path:
     from inference.model_io import save_model
     from training.ddp import launched_as_worker
     from training.evaluate import breast_table, predict_samples
-    from training.loop import TrainConfig, train
+    from training.loop import train
     from training.mammo_dataset import MammoTensorDataset
     from training.metrics import binary_metrics, threshold_for_sensitivity
     from training.plots import write_training_curves
@@ -87,23 +109,12 @@ def run_train(request: TrainRequest) -> Path:
     patients = [str(s.record.patient_id) for s in samples]
     labels = [s.label for s in samples]
     train_patients, val_patients = split_by_patient(patients, labels, request.val_fraction, request.seed)
-    train_samples = [s for s in samples if str(s.record.patient_id) in set(train_patients)]
-    val_samples = [s for s in samples if str(s.record.patient_id) in set(val_patients)]
+    train_ids, val_ids = set(train_patients), set(val_patients)
+    train_samples = [s for s in samples if str(s.record.patient_id) in train_ids]
+    val_samples = [s for s in samples if str(s.record.patient_id) in val_ids]
     log.info("training on %d images, validating on %d", len(train_samples), len(val_samples))
 
-    loop_config = TrainConfig(
-        architecture=request.architecture,
-        epochs=request.epochs,
-        batch_ids=request.batch_ids,
-        batches_per_epoch=request.batches_per_epoch,
-        lr=request.lr,
-        amp=request.amp,
-        device=request.device,
-        seed=request.seed,
-        out_dir=request.out,
-        resume=request.resume,
-        augment=True,
-    )
+    loop_config = request.loop_config()
     result = train(
         loop_config,
         MammoTensorDataset(train_samples),
