@@ -32,6 +32,13 @@ def train_command(
     val_fraction: Annotated[float, typer.Option(help="Fraction of patients held out for validation.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed for the split, sampler and augmentation.")] = 0,
     resume: Annotated[Path | None, typer.Option(help="Checkpoint (last.pt) to resume from.")] = None,
+    init_model: Annotated[
+        Path | None, typer.Option(help="Model folder whose weights start the run (fine-tuning).")
+    ] = None,
+    cam_mask_weight: Annotated[
+        float,
+        typer.Option(help="Weight of the lesion-mask guidance of the CAM peak (0 = image labels only)."),
+    ] = 0.0,
     amp: Annotated[bool, typer.Option(help="Automatic mixed precision.")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     workers: Annotated[int, typer.Option(min=1, help="Preprocessing worker processes.")] = 1,
@@ -59,6 +66,8 @@ def train_command(
             val_fraction=val_fraction,
             seed=seed,
             resume=resume,
+            init_model=init_model,
+            cam_mask_weight=cam_mask_weight,
             amp=amp,
             device=device,
             workers=workers,

@@ -200,7 +200,7 @@ def run_histology_train(request: TrainRequest) -> Path:
         # Seed 002's ImageDataGenerator: rotation 20 degrees, shift 0.1, small shear, flips.
         augmentation=AugmentConfig(max_rotation_deg=20.0, max_translate=0.1, max_shear_deg=3.0),
     )
-    result = train(config, train_set, val_set, lambda: build_model(request.architecture, in_chans=3))
+    result = train(config, train_set, val_set, lambda: request.initial_model(in_chans=3))
     if launched_as_worker():  # torchrun: rank 0 alone turns the best checkpoint into the model
         return request.out / "model"
 

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from training import ddp
+from training.cam_loss import cam_peak_loss
 from training.metrics import pf1, roc_auc
 from training.predict import Batch, autocast, collate_items, model_outputs, run_model
 from training.sampler import BalancedPredictionIdSampler
@@ -61,6 +62,14 @@ class LabelledDataset(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, float, str, int]: ...
+
+
+class MaskedDataset(LabelledDataset, Protocol):
+    """A dataset that also has lesion masks on the model grid, for ``cam_mask_weight``."""
+
+    def lesion_masks(self, indices: Sequence[int]) -> torch.Tensor:
+        """``(B, H, W)`` bool masks of the items ``indices``; all False where none is known."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,10 @@ class TrainConfig:
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
     """Flip/affine probabilities and ranges; the default is seed 003's recipe."""
     resume: Path | None = None
+    cam_mask_weight: float = 0.0
+    """Weight of :func:`training.cam_loss.cam_peak_loss` (lesion-mask guidance of the CAM peak)
+    added to the training loss; 0 = seed 003 (image labels only). Needs a :class:`MaskedDataset`.
+    The validation loss, which selects the checkpoint, stays the image loss."""
     val_batch_size: int = 16
     progress: bool | None = None
     """Show tqdm bars; None = only when stderr is a terminal."""
@@ -121,6 +134,8 @@ class TrainConfig:
             raise ValueError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
         if self.early_stopping_min_delta < 0:
             raise ValueError(f"early_stopping_min_delta must be >= 0, got {self.early_stopping_min_delta}")
+        if not self.cam_mask_weight >= 0:
+            raise ValueError(f"cam_mask_weight must be >= 0, got {self.cam_mask_weight}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.class_weighting not in ("none", "balanced"):
@@ -272,8 +287,13 @@ def _train_epoch(
     ctx: ddp.DistContext,
     epoch: int,
     show_progress: bool,
+    mask_source: Callable[[Sequence[int]], torch.Tensor] | None = None,
 ) -> float:
-    """One pass over the sampler's batches; returns the mean image loss over all ranks."""
+    """One pass over the sampler's batches; returns the mean training loss over all ranks.
+
+    With ``mask_source`` (``cam_mask_weight > 0``) the masks are augmented with their images and
+    the CAM-peak term is part of the loss.
+    """
     model.train()
     generator = torch.Generator().manual_seed(_stream_seed(config.seed, epoch, ctx.rank, 1))
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -282,12 +302,18 @@ def _train_epoch(
     for batch in cast(Sequence[Batch], bar):
         images = batch.images.to(ctx.device, non_blocking=True)
         labels = batch.labels.to(ctx.device, non_blocking=True)
+        masks = None if mask_source is None else mask_source(batch.indices.tolist()).to(ctx.device)
         if config.augment:
-            images = augment(images, config=config.augmentation, generator=generator)
+            if masks is None:
+                images = augment(images, config=config.augmentation, generator=generator)
+            else:
+                images, masks = augment(images, masks, config=config.augmentation, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         with autocast(ctx.device, config.amp):
-            logits, _ = model_outputs(model, images)
+            logits, cams = model_outputs(model, images)
         loss = criterion(logits.float(), labels)
+        if masks is not None:
+            loss = loss + config.cam_mask_weight * cam_peak_loss(cams.float(), masks)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -405,6 +431,11 @@ def _run(
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         model = DistributedDataParallel(module, device_ids=device_ids)
 
+    mask_source = None
+    if config.cam_mask_weight > 0:
+        if not hasattr(train_set, "lesion_masks"):
+            raise ValueError("cam_mask_weight > 0 needs a training set with lesion masks")
+        mask_source = cast(MaskedDataset, train_set).lesion_masks
     pos_weight = _pos_weight(config, train_set.labels)
     criterion = nn.BCEWithLogitsLoss(
         pos_weight=None if pos_weight is None else torch.tensor(pos_weight, device=ctx.device)
@@ -447,7 +478,9 @@ def _run(
         torch.manual_seed(_stream_seed(config.seed, epoch, ctx.rank, 2))
         sampler.set_epoch(epoch)
         lr = float(optimizer.param_groups[0]["lr"])
-        train_loss = _train_epoch(model, loader, optimizer, scaler, criterion, config, ctx, epoch, show)
+        train_loss = _train_epoch(
+            model, loader, optimizer, scaler, criterion, config, ctx, epoch, show, mask_source
+        )
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training diverged: mean loss {train_loss} in epoch {epoch}")
         val_loss, val_probs = _validate(module, val_set, config, ctx, show)

@@ -29,3 +29,12 @@ class MammoTensorDataset(Dataset[tuple[torch.Tensor, float, str, int]]):
         sample = self.samples[index]
         image = torch.from_numpy(sample.pixels.astype("float32"))[None]
         return image, float(sample.label), sample.prediction_id, index
+
+    def lesion_masks(self, indices: Sequence[int]) -> torch.Tensor:
+        """``(B, H, W)`` bool lesion masks on the model grid; all False where none is known."""
+        out = torch.zeros((len(indices), *self.samples[0].pixels.shape), dtype=torch.bool)
+        for row, index in enumerate(indices):
+            mask = self.samples[index].mask
+            if mask is not None:
+                out[row] = torch.from_numpy(mask.astype(bool))
+        return out

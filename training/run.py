@@ -50,6 +50,49 @@ class TrainRequest:
     version: str = "0.1.0"
     synthetic: bool = False
     target_sensitivity: float = 0.9
+    init_model: Path | None = None
+    """Model folder whose weights start the run (fine-tuning); None = random initialisation."""
+    cam_mask_weight: float = 0.0
+    """Lesion-mask guidance of the CAM peak (see :mod:`training.cam_loss`); 0 = seed 003."""
+
+    def __post_init__(self) -> None:
+        if not self.cam_mask_weight >= 0:
+            raise InputError(f"--cam-mask-weight must be >= 0, got {self.cam_mask_weight}")
+        if self.cam_mask_weight > 0 and self.layout != "rsna":
+            raise InputError("--cam-mask-weight needs lesion masks, which only the rsna layout has")
+        if self.init_model is not None and self.resume is not None:
+            raise InputError("--init-model starts a new run; --resume continues one: give only one")
+
+    def initial_model(self, in_chans: int = 1) -> Any:
+        """The untrained model, or the ``init_model`` weights when fine-tuning (checked to fit)."""
+        from inference.model import build_model
+
+        model = build_model(self.architecture, in_chans=in_chans)
+        if self.init_model is not None:
+            from inference.model_io import load_model
+
+            source, manifest = load_model(self.init_model)
+            if manifest.architecture != self.architecture or manifest.in_chans != in_chans:
+                raise InputError(
+                    f"--init-model {self.init_model} is {manifest.architecture} with {manifest.in_chans} "
+                    f"channel(s), not {self.architecture} with {in_chans}"
+                )
+            model.load_state_dict(source.state_dict())
+        return model
+
+    def provenance(self) -> dict[str, Any]:
+        """What the manifest records about how the weights started and what guided them."""
+        info: dict[str, Any] = {"cam_mask_weight": self.cam_mask_weight}
+        if self.init_model is not None:
+            from inference.manifest import load_manifest
+
+            start = load_manifest(self.init_model)
+            info["initialised_from"] = {
+                "name": start.name,
+                "version": start.version,
+                "weights_sha256": start.weights_sha256,
+            }
+        return info
 
     def loop_config(self, **overrides: Any) -> TrainConfig:
         """The training-loop settings this request asks for; callers add layout-specific ones."""
@@ -66,6 +109,7 @@ class TrainRequest:
             "seed": self.seed,
             "out_dir": self.out,
             "resume": self.resume,
+            "cam_mask_weight": self.cam_mask_weight,
             "augment": True,
         }
         return TrainConfig(**{**settings, **overrides})
@@ -119,7 +163,7 @@ def run_train(request: TrainRequest) -> Path:
         loop_config,
         MammoTensorDataset(train_samples),
         MammoTensorDataset(val_samples),
-        lambda: build_model(request.architecture),
+        request.initial_model,
     )
     model_dir = request.out / "model"
     if launched_as_worker():  # torchrun: rank 0 alone turns the best checkpoint into the model
@@ -165,6 +209,7 @@ def run_train(request: TrainRequest) -> Path:
             "command": "mammonode " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "best_epoch": result.best_epoch,
             "best_val_loss": result.best_val_loss,
+            **request.provenance(),
         },
         metrics={
             "validation_breast": {

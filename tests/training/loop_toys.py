@@ -40,6 +40,7 @@ class ToyBreasts(Dataset[tuple[torch.Tensor, float, str, int]]):
     ) -> None:
         gen = torch.Generator().manual_seed(seed)
         images: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
         self.labels: list[float] = []
         self.prediction_ids: list[str] = []
         h, w = size
@@ -47,17 +48,28 @@ class ToyBreasts(Dataset[tuple[torch.Tensor, float, str, int]]):
             label = 1.0 if i % positive_every == 0 else 0.0
             for _ in range(1 + i % 3):
                 img = torch.rand(1, h, w, generator=gen) * 0.3
+                mask = torch.zeros(h, w, dtype=torch.bool)
                 if label:
                     y = int(torch.randint(0, h - 5, (1,), generator=gen))
                     x = int(torch.randint(0, w - 5, (1,), generator=gen))
                     img[:, y : y + 5, x : x + 5] = 1.0
+                    mask[y : y + 5, x : x + 5] = True
                 images.append(img)
+                masks.append(mask)
                 self.labels.append(label)
                 self.prediction_ids.append(f"p{i}_L")
         self.images = torch.stack(images) if images else torch.zeros(0, 1, h, w)
+        self.masks = torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.bool)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, float, str, int]:
         return self.images[index], self.labels[index], self.prediction_ids[index], index
+
+
+class MaskedToyBreasts(ToyBreasts):
+    """:class:`ToyBreasts` that also hands the loop its squares as lesion masks."""
+
+    def lesion_masks(self, indices: list[int]) -> torch.Tensor:
+        return self.masks[torch.as_tensor(indices, dtype=torch.long)]
