@@ -1,0 +1,257 @@
+"""Node configuration: a TOML file, then ``MAMMONODE_*`` environment overrides, then defaults.
+
+Deployments rely on the names in :data:`ENVIRONMENT` (issue 3's table); each setting has one
+name in TOML (the field name) and one in the environment. The database URL may hold a password,
+so it is never printed: :meth:`NodeConfig.describe` masks it and ``repr`` leaves it out.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from inference.types import MammoNodeError
+
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: 16 chars, no backslash
+
+
+class ConfigError(MammoNodeError):
+    """The configuration file or an environment variable is invalid."""
+
+
+def validate_ae_title(value: str, what: str = "AE title") -> str:
+    """An AE title as PS3.5 allows it (1-16 printable characters, no backslash), stripped."""
+    text = str(value).strip()
+    if not text or not AE_TITLE_RE.match(text):
+        raise ConfigError(f"{what} {value!r} is not a valid AE title (1-16 printable characters)")
+    return text
+
+
+def validate_port(value: Any, what: str = "port") -> int:
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} {value!r} is not a number") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"{what} {port} is outside 1-65535")
+    return port
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM peer that receives the results (C-STORE SCP)."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        """``AE@HOST:PORT`` (the ``--to`` and ``MAMMONODE_DESTINATIONS`` form)."""
+        ae, sep, rest = text.strip().partition("@")
+        host, sep2, port = rest.rpartition(":")
+        if not sep or not sep2 or not host:
+            raise ConfigError(f"destination {text!r} must look like AE@HOST:PORT")
+        ae_title = validate_ae_title(ae, "destination AE title")
+        return cls(ae_title, host, validate_port(port, "destination port"))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Destination:
+        missing = {"ae_title", "host", "port"} - set(data)
+        if missing:
+            raise ConfigError(f"[[destinations]] entry needs {', '.join(sorted(missing))}")
+        return cls(
+            validate_ae_title(data["ae_title"], "destination AE title"),
+            str(data["host"]),
+            validate_port(data["port"], "destination port"),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class AllowedPeer:
+    """One allow-list entry: a calling AE title, and optionally the host it must come from."""
+
+    ae_title: str
+    host: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> AllowedPeer:
+        """``AE`` or ``AE@HOST``."""
+        ae, _, host = text.strip().partition("@")
+        return cls(validate_ae_title(ae, "allowed calling AE"), host.strip() or None)
+
+    def admits(self, calling_ae: str, host: str) -> bool:
+        return calling_ae.strip() == self.ae_title and (self.host is None or self.host == host)
+
+    def __str__(self) -> str:
+        return self.ae_title if self.host is None else f"{self.ae_title}@{self.host}"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything `mammonode serve` and the admin commands need; defaults run a demo node."""
+
+    ae_title: str = "MAMMONODE"
+    port: int = 11112
+    bind_address: str = "0.0.0.0"
+    data_dir: Path = Path("mammonode-data")
+    database_url: str = field(default="", repr=False)
+    """Empty: SQLite (WAL) in ``data_dir/mammonode.sqlite``, created on first start."""
+    study_quiet_seconds: float = 60.0
+    grace_seconds: float = 5.0
+    """Wait after the last expected view arrived, for stragglers of the same push."""
+    expected_views: tuple[str, ...] = ("L-CC", "L-MLO", "R-CC", "R-MLO")
+    allowed_aes: tuple[AllowedPeer, ...] = ()
+    """Empty: every calling AE is accepted (a warning is logged at start)."""
+    unknown_sop_classes: str = "ignore"
+    """``ignore``: accept other storage SOP classes, store nothing and audit; ``reject``: refuse."""
+    destinations: tuple[Destination, ...] = ()
+    backend: str = "torch"
+    model_dir: Path | None = None
+    """None: the promoted model in the database, else the bundled demo model."""
+    batch_size: int = 8
+    max_pdu: int = 1_048_576
+    retry_initial_seconds: float = 30.0
+    retry_max_seconds: float = 1800.0
+    retry_max_age_hours: float = 24.0
+    """An outbox item still failing after this long goes to the dead-letter state."""
+    poll_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        validate_ae_title(self.ae_title)
+        validate_port(self.port)
+        if self.study_quiet_seconds <= 0 or self.grace_seconds < 0:
+            raise ConfigError("study_quiet_seconds must be > 0 and grace_seconds >= 0")
+        if self.unknown_sop_classes not in ("ignore", "reject"):
+            raise ConfigError(f"unknown_sop_classes: ignore or reject, not {self.unknown_sop_classes!r}")
+        if self.batch_size < 1 or self.max_pdu < 0:
+            raise ConfigError("batch_size must be >= 1 and max_pdu >= 0")
+        if not 0 < self.retry_initial_seconds <= self.retry_max_seconds or self.retry_max_age_hours <= 0:
+            raise ConfigError("need 0 < retry_initial_seconds <= retry_max_seconds, retry_max_age_hours > 0")
+        for view in self.expected_views:
+            side, _, position = view.partition("-")
+            if side not in ("L", "R") or not position:
+                raise ConfigError(f"expected view {view!r} must look like L-CC or R-MLO")
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.data_dir / "outbox"
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The URL to connect to: the configured one, or the embedded SQLite file."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'mammonode.sqlite').resolve()}"
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as a plain dict for display, with the database URL's password masked."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "database_url":
+                value = mask_url(self.resolved_database_url)
+            elif isinstance(value, tuple):
+                value = [str(v) for v in value]
+            elif isinstance(value, Path):
+                value = str(value)
+            out[f.name] = value
+        return out
+
+
+def mask_url(url: str) -> str:
+    """``scheme://user:***@host/db``: the database URL without its password."""
+    return re.sub(r"(?<=://)([^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+# Environment names deployments rely on; every other field is MAMMONODE_<FIELD NAME IN CAPITALS>.
+ENVIRONMENT: dict[str, str] = {
+    "ae_title": "MAMMONODE_AE_TITLE",
+    "port": "MAMMONODE_PORT",
+    "data_dir": "MAMMONODE_DATA_DIR",
+    "database_url": "MAMMONODE_DATABASE_URL",
+    "study_quiet_seconds": "MAMMONODE_STUDY_QUIET_SECONDS",
+    "allowed_aes": "MAMMONODE_ALLOWED_AES",
+    "destinations": "MAMMONODE_DESTINATIONS",
+}
+
+
+def _env_name(name: str) -> str:
+    return ENVIRONMENT.get(name, f"MAMMONODE_{name.upper()}")
+
+
+def _coerce(name: str, value: Any, *, from_env: bool) -> Any:
+    """Turn a TOML value or an environment string into the field's type."""
+    try:
+        if name in ("port", "batch_size", "max_pdu"):
+            return int(value)
+        if name in (
+            "study_quiet_seconds",
+            "grace_seconds",
+            "retry_initial_seconds",
+            "retry_max_seconds",
+            "retry_max_age_hours",
+            "poll_seconds",
+        ):
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if name == "model_dir":
+        return Path(str(value)).expanduser() if str(value) else None
+    if name == "data_dir":
+        return Path(str(value) or ".").expanduser()
+    if name == "allowed_aes":
+        items = _split(value) if from_env or isinstance(value, str) else [str(v) for v in value]
+        return tuple(AllowedPeer.parse(v) for v in items)
+    if name == "expected_views":
+        items = _split(value) if from_env or isinstance(value, str) else [str(v) for v in value]
+        return tuple(v.upper() for v in items)
+    if name == "destinations":
+        if from_env or isinstance(value, str):
+            return tuple(Destination.parse(v) for v in _split(value))
+        if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+            raise ConfigError("destinations must be [[destinations]] tables with ae_title, host, port")
+        return tuple(Destination.from_mapping(v) for v in value)
+    return str(value)
+
+
+def _split(value: Any) -> list[str]:
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """Defaults, overridden by the TOML file ``path`` (if given), overridden by ``MAMMONODE_*``."""
+    env = os.environ if environ is None else environ
+    names = {f.name for f in fields(NodeConfig)}
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+        values.update({k: _coerce(k, v, from_env=False) for k, v in data.items()})
+    for name in names:
+        raw = env.get(_env_name(name))
+        if raw is not None and raw != "":
+            values[name] = _coerce(name, raw, from_env=True)
+    try:
+        return replace(NodeConfig(), **values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
