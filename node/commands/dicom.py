@@ -1,0 +1,92 @@
+"""`mammonode echo HOST PORT` and `mammonode send PATH... --to AE@HOST:PORT`: the node's SCU
+from the command line, to check a peer and to push files (or a whole folder) to it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from inference.types import MammoNodeError
+from node.commands._admin import ConfigOption
+
+AetOption = Annotated[
+    str | None,
+    typer.Option("--aet", help="Our calling AE title (default: the node's ae_title from the config)."),
+]
+
+
+class DicomPeerError(MammoNodeError):
+    """A DICOM peer could not be reached or refused the request."""
+
+
+def _quiet_pynetdicom() -> None:
+    """pynetdicom narrates every association at INFO and repeats our failures at ERROR; the
+    commands print one line of their own instead (all of it with `mammonode -v`)."""
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+
+
+def _calling_ae(aet: str | None, config: Path | None) -> str:
+    from node.config import validate_ae_title
+
+    if aet is not None:
+        return validate_ae_title(aet, "--aet")
+    from node.commands._admin import load
+
+    return load(config).ae_title
+
+
+def echo_command(
+    host: Annotated[str, typer.Argument(help="Host name or address of the peer.")],
+    port: Annotated[int, typer.Argument(help="Its DICOM port.")],
+    aec: Annotated[str, typer.Option("--aec", help="The peer's (called) AE title.")] = "ANY-SCP",
+    aet: AetOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Send a C-ECHO (DICOM ping); exit 0 when the peer answers Success."""
+    from node.config import validate_ae_title, validate_port
+    from node.dicom.sender import echo
+
+    _quiet_pynetdicom()
+    called = validate_ae_title(aec, "--aec")
+    result = echo(host, validate_port(port), called, _calling_ae(aet, config))
+    if not result.ok:
+        raise DicomPeerError(f"C-ECHO to {called}@{host}:{port} failed: {result.detail}")
+    typer.echo(f"C-ECHO to {called}@{host}:{port}: {result.detail}")
+
+
+def send_command(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched recursively).")],
+    to: Annotated[str, typer.Option("--to", help="Destination as AE@HOST:PORT.")],
+    aet: AetOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """C-STORE files to a peer; one line per file that fails, exit 1 if any did."""
+    from node.config import Destination
+    from node.dicom.sender import store_files
+    from node.offline import collect_files
+
+    _quiet_pynetdicom()
+    destination = Destination.parse(to)
+    calling = _calling_ae(aet, config)
+    files, missing = collect_files(paths)
+    for path, reason in missing:
+        typer.echo(f"error: {path}: {reason}", err=True)
+    outcomes = store_files(files, destination, calling) if files else []
+    failed = len(missing)
+    for outcome in outcomes:
+        if not outcome.ok:
+            failed += 1
+            typer.echo(f"error: {outcome.path}: {outcome.detail}", err=True)
+    sent = sum(1 for o in outcomes if o.ok)
+    typer.echo(f"sent {sent} of {len(outcomes) + len(missing)} file(s) to {destination}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("echo")(echo_command)
+    app.command("send")(send_command)

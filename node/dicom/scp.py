@@ -1,0 +1,524 @@
+"""The node's C-STORE / C-ECHO SCP (pynetdicom).
+
+Contexts: Verification; Digital Mammography X-Ray For Presentation and For Processing and
+Secondary Capture in every transfer syntax the preprocessing can decode; every other storage SOP
+class too when ``unknown_sop_classes = "ignore"`` (answered Success, not stored, audited
+``instance.ignored``), none of them when ``"reject"`` (pynetdicom refuses those presentation
+contexts during negotiation, so the SCU never sends them).
+
+The C-STORE handler is fast: it parses the header of the bytes as received (pixel data left
+unread), checks UIDs, SOP class and pixel-data plausibility, writes the bytes as received into
+the spool (fsync'd), records the instance and commits, and only then answers Success. Every
+failure is a named status (:mod:`node.dicom.status`) plus an ``instance.rejected`` audit entry
+when the database works; an unexpected exception is logged and answered PROCESSING_FAILURE, and
+the server keeps serving.
+
+Allow-list: ``config.allowed_aes`` lists calling AE titles, each optionally tied to a host.
+pynetdicom 3 only checks AE titles itself (``AE.require_calling_aet``); the host check is done in
+an ``EVT_REQUESTED`` handler, which runs after the A-ASSOCIATE-RQ is read and before pynetdicom
+negotiates. It answers A-ASSOCIATE-RJ (rejected-permanent, service user, calling AE title not
+recognised) through ``assoc.acse.send_reject`` and stops the association, the pattern pynetdicom
+documents for that event. Notification handlers' exceptions are swallowed by pynetdicom, so the
+handler fails closed on its own errors, and ``require_calling_aet`` is set as well, so an AE
+outside the list is refused even if the handler never ran. Host names in the allow-list are
+resolved to addresses once, at start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association as PynetAssociation
+from pynetdicom.events import Event
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from inference.dicom_io import DX_MAMMO_FOR_PRESENTATION, DX_MAMMO_FOR_PROCESSING
+from inference.types import InputError
+from inference.uids import is_valid_uid
+from node import audit
+from node.config import AllowedPeer, NodeConfig
+from node.db.models import Association, utcnow
+from node.dicom import intake
+from node.dicom.spool import InvalidUIDError, SpoolFullError, remove_stale_temp_files, write_instance
+from node.dicom.status import DimseStatus, RejectReason, RejectResult, RejectSource
+
+log = logging.getLogger(__name__)
+
+ACTOR = "scp"
+VERIFICATION = "1.2.840.10008.1.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+STORED_SOP_CLASSES: tuple[str, ...] = (DX_MAMMO_FOR_PRESENTATION, DX_MAMMO_FOR_PROCESSING, SECONDARY_CAPTURE)
+"""The SOP classes the node spools and records; other storage classes follow the config."""
+
+CANDIDATE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    ExplicitVRLittleEndian,  # preferred over implicit when a peer offers both: it keeps the VRs
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+    RLELossless,
+)
+"""Offered for the stored classes when a decoder for them is installed (see below)."""
+_UNSAFE_PLUGINS = frozenset({"gdcm"})  # inference.dicom_io never decodes with it (it can abort)
+
+ACSE_TIMEOUT = 30.0
+DIMSE_TIMEOUT = 120.0
+NETWORK_TIMEOUT = 120.0
+"""An idle association is closed after this many seconds."""
+REGISTER_ATTEMPTS = 3
+"""Transactions retried when concurrent associations race to create the same study or breast."""
+
+
+def decodable_transfer_syntaxes() -> list[UID]:
+    """The candidate syntaxes that inference.dicom_io can decode with what is installed here.
+
+    Native syntaxes always; a compressed one only if pydicom has an available decoder plugin
+    other than gdcm. Accepting a syntax the worker cannot decode would acknowledge an image that
+    can never be scored.
+    """
+    out: list[UID] = []
+    for ts in CANDIDATE_TRANSFER_SYNTAXES:
+        if not ts.is_compressed:
+            out.append(ts)
+            continue
+        try:
+            decoder = get_decoder(ts)
+        except NotImplementedError:
+            continue
+        if decoder.is_available and set(decoder.available_plugins) - _UNSAFE_PLUGINS:
+            out.append(ts)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Allow-list
+# --------------------------------------------------------------------------------------------
+
+
+def normalise_address(address: str) -> str:
+    """An IP address in canonical text (IPv4-mapped IPv6 as plain IPv4); other text unchanged."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def resolve_host(host: str) -> frozenset[str]:
+    """The addresses ``host`` stands for (itself if an IP address; DNS otherwise, once)."""
+    addresses = {normalise_address(host)}
+    try:
+        ipaddress.ip_address(host)
+        return frozenset(addresses)
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        log.warning("allow-list host %s does not resolve (%s); it matches only itself", host, exc)
+        return frozenset(addresses)
+    addresses.update(normalise_address(str(info[4][0])) for info in infos)
+    return frozenset(addresses)
+
+
+@dataclass(frozen=True)
+class AllowList:
+    """Calling AE titles the node accepts, each from any host (None) or from given addresses."""
+
+    entries: tuple[tuple[str, frozenset[str] | None], ...] = ()
+
+    @classmethod
+    def from_peers(cls, peers: Sequence[AllowedPeer]) -> AllowList:
+        return cls(tuple((p.ae_title, None if p.host is None else resolve_host(p.host)) for p in peers))
+
+    @property
+    def open(self) -> bool:
+        """No entries: every calling AE is accepted."""
+        return not self.entries
+
+    def refusal(self, calling_ae: str, address: str) -> str | None:
+        """None when admitted, else the reason (for the audit log)."""
+        if self.open:
+            return None
+        calling_ae = calling_ae.strip()
+        address = normalise_address(address)
+        known = False
+        for ae_title, hosts in self.entries:
+            if ae_title != calling_ae:
+                continue
+            known = True
+            if hosts is None or address in hosts:
+                return None
+        if known:
+            return "calling AE title not allowed from this host"
+        return "calling AE title not in the allow-list"
+
+
+# --------------------------------------------------------------------------------------------
+# The SCP
+# --------------------------------------------------------------------------------------------
+
+
+class NodeSCP:
+    """Event handlers of the node's SCP, bound to one config and one session factory."""
+
+    def __init__(self, config: NodeConfig, sessions: sessionmaker[Session]) -> None:
+        self.config = config
+        self.sessions = sessions
+        self.allow_list = AllowList.from_peers(config.allowed_aes)
+        self._rows: dict[PynetAssociation, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def handlers(self) -> list[evt.EventHandlerType]:
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_REJECTED, self.on_rejected),
+            (evt.EVT_CONN_CLOSE, self.on_conn_close),
+            (evt.EVT_C_STORE, self.on_store),
+        ]
+
+    def build_ae(self) -> AE:
+        """The pynetdicom AE: identity, PDU size, timeouts and presentation contexts."""
+        ae = AE(ae_title=self.config.ae_title)
+        ae.maximum_pdu_size = self.config.max_pdu
+        ae.acse_timeout = ACSE_TIMEOUT
+        ae.dimse_timeout = DIMSE_TIMEOUT
+        ae.network_timeout = NETWORK_TIMEOUT
+        ae.require_calling_aet = sorted({p.ae_title for p in self.config.allowed_aes})
+        ae.add_supported_context(VERIFICATION)
+        syntaxes = decodable_transfer_syntaxes()
+        for sop_class in STORED_SOP_CLASSES:
+            ae.add_supported_context(sop_class, syntaxes)
+        if self.config.unknown_sop_classes == "ignore":
+            for cx in AllStoragePresentationContexts:
+                sop_class = str(cx.abstract_syntax)
+                if sop_class not in STORED_SOP_CLASSES:
+                    ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    # -- associations ------------------------------------------------------------------------
+
+    def on_requested(self, event: Event) -> None:
+        """Refuse a calling AE / host outside the allow-list before negotiation (fail closed)."""
+        assoc = event.assoc
+        calling_ae = _calling_ae(assoc)
+        try:
+            reason = self.allow_list.refusal(calling_ae, str(assoc.requestor.address))
+        except Exception:
+            log.exception("allow-list check failed; rejecting the association")
+            reason = "allow-list check failed"
+        if reason is None:
+            return
+        log.warning("rejecting association from %s at %s: %s", calling_ae, assoc.requestor.address, reason)
+        try:  # audited before the peer hears of it; a database failure must not let it in
+            self._record_association(assoc, accepted=False, reason=reason)
+        finally:
+            assoc.acse.send_reject(
+                RejectResult.PERMANENT, RejectSource.SERVICE_USER, RejectReason.CALLING_AE_NOT_RECOGNISED
+            )
+            assoc.kill()
+
+    def on_accepted(self, event: Event) -> None:
+        row_id = self._record_association(event.assoc, accepted=True, reason=None)
+        if row_id is not None:
+            with self._lock:
+                self._rows[event.assoc] = row_id
+
+    def on_rejected(self, event: Event) -> None:
+        """pynetdicom's own rejections (called AE, too many associations, AE outside the list)."""
+        primitive = event.assoc.acceptor.primitive
+        diagnostic = getattr(primitive, "diagnostic", None)
+        reason = f"rejected by the DICOM layer (diagnostic {diagnostic})"
+        if diagnostic == RejectReason.CALLING_AE_NOT_RECOGNISED:
+            reason = "calling AE title not in the allow-list"
+        self._record_association(event.assoc, accepted=False, reason=reason)
+
+    def on_conn_close(self, event: Event) -> None:
+        with self._lock:
+            row_id = self._rows.pop(event.assoc, None)
+        if row_id is None:
+            return
+        try:
+            with self.sessions() as session:
+                row = session.get(Association, row_id)
+                if row is not None:
+                    row.ended_at = utcnow()
+                    session.commit()
+        except SQLAlchemyError as exc:  # bookkeeping only (e.g. the database went away at shutdown)
+            log.warning("could not record the end of association %d: %s", row_id, type(exc).__name__)
+
+    def association_id(self, assoc: PynetAssociation) -> int | None:
+        with self._lock:
+            return self._rows.get(assoc)
+
+    def _record_association(
+        self, assoc: PynetAssociation, *, accepted: bool, reason: str | None
+    ) -> int | None:
+        calling_ae = _calling_ae(assoc)
+        called_ae = str(getattr(assoc.requestor.primitive, "called_ae_title", "") or "").strip()
+        host, port = str(assoc.requestor.address), int(assoc.requestor.port or 0)
+        try:
+            with self.sessions() as session:
+                row = Association(
+                    calling_ae=calling_ae[:64],
+                    called_ae=called_ae[:64],
+                    peer_host=host[:255],
+                    peer_port=port,
+                    accepted=accepted,
+                    reason=reason,
+                )
+                session.add(row)
+                session.flush()
+                audit.record(
+                    session,
+                    audit.ASSOCIATION_ACCEPTED if accepted else audit.ASSOCIATION_REJECTED,
+                    ACTOR,
+                    calling_ae=calling_ae,
+                    peer=f"{host}:{port}",
+                    details={"association_id": row.id, "called_ae": called_ae, "reason": reason},
+                )
+                session.commit()
+                return row.id
+        except SQLAlchemyError:
+            log.exception("could not record an association from %s", calling_ae)
+            return None
+
+    # -- C-STORE -----------------------------------------------------------------------------
+
+    def on_store(self, event: Event) -> int:
+        """Store one instance; Success only once its file is synced and its row committed."""
+        started = time.monotonic()
+        context_class = str(event.context.abstract_syntax)
+        try:
+            if context_class not in STORED_SOP_CLASSES:
+                return self._ignore(event, context_class)
+            return self._store(event, context_class, started)
+        except Exception:
+            log.exception("unexpected error storing an instance of SOP class %s", context_class)
+            return DimseStatus.PROCESSING_FAILURE
+
+    def _store(self, event: Event, context_class: str, started: float) -> int:
+        transfer_syntax = str(event.context.transfer_syntax)
+        uids: intake.InstanceUIDs | None = None
+        patient_id: str | None = None
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            ds = intake.parse_encoded(data)
+            header = intake.header_of(ds)
+            patient_id = _patient_id(header)
+            uids = intake.check_uids(header)
+            intake.check_sop_class(uids, context_class)
+            affected = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+            if affected != uids.sop_instance:
+                raise InputError(
+                    "SOP Instance UID differs from the C-STORE request's Affected SOP Instance UID"
+                )
+            intake.check_pixel_data(ds, data, transfer_syntax)
+            info = intake.classify(header)
+            rel = write_instance(self.config, uids.study, uids.series, uids.sop_instance, data)
+            registration = self._register(event, info, str(rel), len(data), transfer_syntax)
+        except (InvalidUIDError, InputError, SpoolFullError, OperationalError) as exc:
+            status = _failure_status(exc)
+            log.warning("refused instance %s: %s (%s)", uids.sop_instance if uids else "?", status.name, exc)
+            self._audit_refusal(event, status, str(exc), uids, patient_id)
+            return status
+        log.info(
+            "stored %s %s (%s, %d bytes%s) in %.0f ms",
+            "scorable" if info.scorable else "skipped",
+            uids.sop_instance,
+            UID(transfer_syntax).name,
+            len(data),
+            ", resend" if not registration.new else "",
+            1000 * (time.monotonic() - started),
+        )
+        return DimseStatus.SUCCESS
+
+    def _register(
+        self, event: Event, info: intake.InstanceInfo, rel: str, size: int, transfer_syntax: str
+    ) -> intake.Registration:
+        assoc = event.assoc
+        for attempt in range(1, REGISTER_ATTEMPTS + 1):
+            try:
+                with self.sessions() as session:
+                    registration = intake.register_instance(
+                        session,
+                        info,
+                        spool_path=rel,
+                        size_bytes=size,
+                        transfer_syntax_uid=transfer_syntax,
+                        association_id=self.association_id(assoc),
+                        calling_ae=_calling_ae(assoc),
+                        peer=f"{assoc.requestor.address}:{assoc.requestor.port}",
+                    )
+                    session.commit()
+                    return registration
+            except IntegrityError:
+                if attempt == REGISTER_ATTEMPTS:
+                    raise
+                log.info("concurrent receipt of study %s; retrying", info.meta.study_instance_uid)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _ignore(self, event: Event, context_class: str) -> int:
+        """Another storage SOP class, accepted by configuration: audit it, store nothing."""
+        header: Dataset | None = None
+        with contextlib.suppress(InputError):  # unparsable: the audit entry carries no UIDs
+            header = intake.header_of(intake.parse_encoded(event.encoded_dataset(include_meta=True)))
+        study_uid = _valid_uid_tag(header, "StudyInstanceUID")
+        sop_uid = _valid_uid_tag(header, "SOPInstanceUID")
+        try:
+            with self.sessions() as session:
+                audit.record(
+                    session,
+                    audit.INSTANCE_IGNORED,
+                    ACTOR,
+                    patient_id=_patient_id(header),
+                    study_uid=study_uid,
+                    sop_instance_uid=sop_uid,
+                    calling_ae=_calling_ae(event.assoc),
+                    peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
+                    details={"sop_class_uid": context_class, "reason": "SOP class not stored by the node"},
+                )
+                session.commit()
+        except OperationalError:
+            log.exception("could not audit an ignored instance of SOP class %s", context_class)
+            return DimseStatus.DATABASE_UNAVAILABLE
+        log.info("ignored an instance of SOP class %s (not stored by the node)", context_class)
+        return DimseStatus.SUCCESS
+
+    def _audit_refusal(
+        self,
+        event: Event,
+        status: DimseStatus,
+        reason: str,
+        uids: intake.InstanceUIDs | None,
+        patient_id: str | None,
+    ) -> None:
+        try:
+            with self.sessions() as session:
+                audit.record(
+                    session,
+                    audit.INSTANCE_REJECTED,
+                    ACTOR,
+                    patient_id=patient_id,
+                    study_uid=uids.study if uids else None,
+                    sop_instance_uid=uids.sop_instance if uids else None,
+                    calling_ae=_calling_ae(event.assoc),
+                    peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
+                    details={"status": status.name, "reason": reason[:500]},
+                )
+                session.commit()
+        except SQLAlchemyError:
+            log.exception("could not audit a refused instance")
+
+
+def _failure_status(exc: Exception) -> DimseStatus:
+    """The named status for an expected failure (subclasses before their bases)."""
+    if isinstance(exc, InvalidUIDError):
+        return DimseStatus.INVALID_UID
+    if isinstance(exc, intake.SOPClassMismatchError):
+        return DimseStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    if isinstance(exc, intake.PixelDataError):
+        return DimseStatus.UNUSABLE_PIXEL_DATA
+    if isinstance(exc, InputError):
+        return DimseStatus.CANNOT_UNDERSTAND
+    if isinstance(exc, SpoolFullError):
+        return DimseStatus.OUT_OF_RESOURCES
+    return DimseStatus.DATABASE_UNAVAILABLE
+
+
+def _calling_ae(assoc: PynetAssociation) -> str:
+    primitive = assoc.requestor.primitive
+    title = getattr(primitive, "calling_ae_title", None) or assoc.requestor.ae_title
+    return str(title or "").strip()
+
+
+def _patient_id(header: Dataset | None) -> str | None:
+    if header is None:
+        return None
+    return intake.tag_text(header, "PatientID")[:64] or None
+
+
+def _valid_uid_tag(header: Dataset | None, keyword: str) -> str | None:
+    value = intake.tag_text(header, keyword) if header is not None else ""
+    return value if is_valid_uid(value) else None
+
+
+def start_scp(config: NodeConfig, sessions: sessionmaker[Session]) -> ThreadedAssociationServer:
+    """Start the node's SCP in background threads on ``config.bind_address:config.port``.
+
+    Removes interrupted spool writes first. Stop it with ``server.shutdown()``. Raises OSError
+    when the port cannot be bound.
+    """
+    config.spool_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(config)
+    scp = NodeSCP(config, sessions)
+    ae = scp.build_ae()
+    if scp.allow_list.open:
+        log.warning("no allowed_aes configured: every calling AE may store to this node")
+    server = ae.start_server((config.bind_address, config.port), block=False, evt_handlers=scp.handlers)
+    assert server is not None  # block=False always returns the server
+    log.info(
+        "DICOM SCP %s listening on %s:%d (other storage SOP classes: %s)",
+        config.ae_title,
+        config.bind_address,
+        config.port,
+        config.unknown_sop_classes,
+    )
+    return server
+
+
+def stop_scp(server: ThreadedAssociationServer, timeout: float = 10.0) -> None:
+    """Stop listening, abort associations still open and wait for their threads.
+
+    An instance being stored while its association is aborted may still be committed; the peer
+    got no Success and resends it, which the spool and the rows absorb (idempotent).
+    """
+    open_associations = list(server.active_associations)
+    server.shutdown()
+    for assoc in open_associations:
+        if assoc.is_alive():
+            assoc.abort()
+        assoc.join(timeout)

@@ -1,0 +1,140 @@
+"""The durable spool: ``spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
+
+Paths are built only from validated UIDs (digits and dots), so hostile tag text such as
+``../../x`` can never name a file outside the spool. A file is written through a temporary file
+in its final folder, synced, renamed into place and the folder synced, so once the SCP commits
+the instance's row and answers Success the bytes survive a crash or power loss (invariant 1).
+A resend of the same instance rewrites the same path atomically, so duplicates are idempotent.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path, PurePosixPath
+
+from inference.manifest import atomic_write_bytes
+from inference.types import MammoNodeError
+from inference.uids import is_valid_uid
+from node.config import NodeConfig
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".dcm"
+_TEMP_GLOB = ".*.tmp"  # what atomic_write_bytes leaves behind if the process dies mid-write
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+_FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP})
+
+
+class SpoolError(MammoNodeError):
+    """An instance cannot be put into the spool."""
+
+
+class InvalidUIDError(SpoolError):
+    """A UID meant for a spool path is not a valid DICOM UID (hostile or corrupt tag text)."""
+
+
+class SpoolFullError(SpoolError):
+    """The spool's file system is full or over quota; the SCP answers Out of Resources."""
+
+
+def spool_relpath(study_uid: str, series_uid: str, sop_uid: str) -> PurePosixPath:
+    """The path of an instance relative to the spool folder (what ``Instance.spool_path`` stores).
+
+    Raises :class:`InvalidUIDError` naming the first invalid UID; its value is not echoed, since
+    it may be arbitrary text from the network.
+    """
+    for name, uid in (
+        ("StudyInstanceUID", study_uid),
+        ("SeriesInstanceUID", series_uid),
+        ("SOPInstanceUID", sop_uid),
+    ):
+        if not is_valid_uid(uid):
+            raise InvalidUIDError(f"invalid {name}: not a DICOM UID")
+    return PurePosixPath(study_uid, series_uid, sop_uid + SUFFIX)
+
+
+def spool_root(config_or_root: NodeConfig | Path) -> Path:
+    return config_or_root.spool_dir if isinstance(config_or_root, NodeConfig) else Path(config_or_root)
+
+
+def spool_path(config_or_root: NodeConfig | Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    """The absolute file of an instance in the spool of ``config_or_root`` (a config or a folder)."""
+    return spool_root(config_or_root) / spool_relpath(study_uid, series_uid, sop_uid)
+
+
+def write_instance(
+    config_or_root: NodeConfig | Path, study_uid: str, series_uid: str, sop_uid: str, data: bytes
+) -> PurePosixPath:
+    """Write ``data`` (a DICOM Part 10 file) durably to the instance's spool path.
+
+    Returns the path relative to the spool. Raises :class:`InvalidUIDError` for a bad UID,
+    :class:`SpoolFullError` when the disk is full or over quota; other OS errors propagate. An
+    existing file of the same instance is replaced atomically (a resend).
+    """
+    root = spool_root(config_or_root)
+    rel = spool_relpath(study_uid, series_uid, sop_uid)
+    path = root.joinpath(*rel.parts)
+    try:
+        _make_dirs_durably(root, path.parent)
+        atomic_write_bytes(path, data)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise SpoolFullError(f"spool file system is full: {os.strerror(exc.errno or 0)}") from exc
+        raise
+    return rel
+
+
+def _make_dirs_durably(root: Path, folder: Path) -> None:
+    """Create ``folder`` (below ``root``) level by level, syncing each parent after a creation,
+    so the new directory entries are on disk before a file in them is acknowledged."""
+    root.mkdir(parents=True, exist_ok=True)
+    missing: list[Path] = []
+    current = folder
+    while current != root and not current.is_dir():
+        missing.append(current)
+        current = current.parent
+    for level in reversed(missing):
+        try:
+            level.mkdir()
+        except FileExistsError:
+            continue  # another association created it meanwhile
+        fsync_dir(level.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the directory entries of ``folder`` durable (a rename or creation in it).
+
+    I/O errors propagate: a spool whose directory cannot be synced cannot promise durability, so
+    the SCP must not answer Success. File systems that do not support syncing a directory at all
+    (EINVAL) are accepted; there the file's own fsync is all there is.
+    """
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _FSYNC_UNSUPPORTED:
+            raise
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_files(config_or_root: NodeConfig | Path) -> int:
+    """Delete temporary files left by writes interrupted by a crash; returns how many.
+
+    Call at start, before the SCP listens: a temp file is never referenced by a row, and a
+    running write's temp file must not be removed.
+    """
+    root = spool_root(config_or_root)
+    if not root.is_dir():
+        return 0
+    count = 0
+    for tmp in root.rglob(_TEMP_GLOB):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            count += 1
+    if count:
+        log.info("removed %d interrupted spool write(s)", count)
+    return count
