@@ -1,0 +1,227 @@
+"""Study assembly: decide when a receiving study is complete enough to score, and queue it.
+
+The prediction unit is patient + study + laterality, but the exam score and the report need every
+image of the study, so the unit of work is a study *version*: a :class:`~node.db.models.Job` that
+re-scores the breasts that received new images (``dirty``) since the last version. A study is ready
+as soon as its expected views are all in and a short grace period has passed (exam-aware
+completion), or else after the quiet period since its last instance (Orthanc's StableAge).
+
+Assembly runs beside the C-STORE handler, which may commit a new instance at any moment, so the
+study's state moves from ``receiving`` to ``queued`` through a conditional UPDATE that also checks
+``last_received_at``: if an instance arrived after the decision was made, nothing is queued and the
+study is looked at again on the next poll.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from node import audit
+from node.config import NodeConfig
+from node.db.models import Breast, Instance, Job, Study, utcnow
+
+log = logging.getLogger(__name__)
+
+ACTOR = "assembly"
+ACTIVE_JOB_STATES = ("pending", "claimed")
+MAX_CLAIMS = 3
+"""A job claimed this many times without finishing (the worker process died each time, e.g. a
+decoder crash) is failed on the next start instead of taking the node down again."""
+
+
+def aware(value: dt.datetime) -> dt.datetime:
+    """``value`` as timezone-aware UTC: SQLite hands back naive datetimes for aware columns."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def view_key(laterality: str, view: str) -> str:
+    """The ``L-CC`` form of :attr:`NodeConfig.expected_views` for an instance's side and view."""
+    return f"{laterality.strip().upper()}-{view.strip().upper()}"
+
+
+def missing_views(config: NodeConfig, instances: Iterable[Instance]) -> set[str]:
+    """Expected views not yet present among the scorable ``instances``."""
+    present = {view_key(i.laterality, i.view) for i in instances if i.scorable}
+    return set(config.expected_views) - present
+
+
+def ready_reason(config: NodeConfig, study: Study, instances: list[Instance], now: dt.datetime) -> str | None:
+    """Why ``study`` is ready now (``views complete`` or ``quiet period``), or None if not yet."""
+    quiet_for = (now - aware(study.last_received_at)).total_seconds()
+    if not missing_views(config, instances) and quiet_for >= config.grace_seconds:
+        return "views complete"
+    if quiet_for >= config.study_quiet_seconds:
+        return "quiet period"
+    return None
+
+
+def _next_version(session: Session, study: Study) -> int:
+    """``scored_version + 1``, or past any version a failed job already used (unique per study)."""
+    used = session.scalar(select(func.max(Job.version)).where(Job.study_id == study.id)) or 0
+    return max(study.scored_version, used) + 1
+
+
+def _has_active_job(session: Session, study_id: int) -> bool:
+    return (
+        session.scalar(
+            select(Job.id).where(Job.study_id == study_id, Job.state.in_(ACTIVE_JOB_STATES)).limit(1)
+        )
+        is not None
+    )
+
+
+def _leave_receiving(session: Session, study: Study, state: str) -> bool:
+    """Conditionally move ``study`` out of ``receiving``; False if an instance arrived meanwhile."""
+    result = session.execute(
+        update(Study)
+        .where(
+            Study.id == study.id,
+            Study.state == "receiving",
+            Study.last_received_at == study.last_received_at,
+        )
+        .values(state=state)
+        .execution_options(synchronize_session=False)
+    )
+    return getattr(result, "rowcount", 0) == 1
+
+
+def _promote_one(session: Session, config: NodeConfig, study: Study, now: dt.datetime) -> int | None:
+    """Queue or skip one receiving study if it is ready; returns the new job's ID, if any.
+
+    The caller commits (or rolls back when this returns None without a change).
+    """
+    if _has_active_job(session, study.id):
+        return None
+    instances = list(session.scalars(select(Instance).where(Instance.study_id == study.id)))
+    scorable = [i for i in instances if i.scorable]
+    reason = ready_reason(config, study, scorable, now)
+    if reason is None:
+        return None
+    if not scorable:
+        # Nothing to score (non-mammography, For Processing...): only the quiet period ends it.
+        if reason != "quiet period" or not _leave_receiving(session, study, "skipped"):
+            return None
+        audit.record(
+            session,
+            audit.STUDY_SKIPPED,
+            ACTOR,
+            patient_id=study.patient_id,
+            study_uid=study.study_uid,
+            details={"reason": "no scorable image", "instances": len(instances)},
+        )
+        log.info("study %s skipped: no scorable image among %d", study.study_uid, len(instances))
+        return None
+    breasts = list(session.scalars(select(Breast).where(Breast.study_id == study.id)))
+    sides = sorted({b.laterality for b in breasts if b.dirty})
+    if not sides and study.scored_version == 0:
+        sides = sorted({i.laterality for i in scorable})  # never scored: every breast is new
+    if not sides:
+        # A resent copy of images already scored: nothing new to score.
+        _leave_receiving(session, study, "scored")
+        return None
+    if not _leave_receiving(session, study, "queued"):
+        return None
+    version = _next_version(session, study)
+    job = Job(study_id=study.id, version=version, lateralities="".join(sides), state="pending")
+    session.add(job)
+    session.execute(
+        update(Study)
+        .where(Study.id == study.id)
+        .values(ready_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.flush()
+    audit.record(
+        session,
+        audit.STUDY_READY,
+        ACTOR,
+        patient_id=study.patient_id,
+        study_uid=study.study_uid,
+        details={
+            "job_id": job.id,
+            "version": version,
+            "lateralities": job.lateralities,
+            "reason": reason,
+            "images": len(scorable),
+            "missing_views": sorted(missing_views(config, scorable)),
+        },
+    )
+    log.info("study %s ready (%s): job %d version %d for %s", study.study_uid, reason, job.id, version, sides)
+    return job.id
+
+
+def promote_ready(
+    config: NodeConfig, sessions: sessionmaker[Session], now: dt.datetime | None = None
+) -> list[int]:
+    """Queue every receiving study that is ready; returns the IDs of the jobs created.
+
+    One transaction per study, so one study's conflict (a concurrent instance, another node
+    queueing it first) does not hold back the others.
+    """
+    now = aware(now) if now is not None else utcnow()
+    with sessions() as session:
+        study_ids = list(session.scalars(select(Study.id).where(Study.state == "receiving")))
+    created: list[int] = []
+    for study_id in study_ids:
+        with sessions() as session:
+            study = session.get(Study, study_id)
+            if study is None or study.state != "receiving":
+                continue
+            try:
+                job_id = _promote_one(session, config, study, now)
+                session.commit()
+            except IntegrityError:
+                # Another node created this version first; it owns the job.
+                session.rollback()
+                log.info("study %s was queued concurrently; leaving it", study.study_uid)
+                continue
+            if job_id is not None:
+                created.append(job_id)
+    return created
+
+
+def requeue_stale_claims(sessions: sessionmaker[Session], *, max_claims: int = MAX_CLAIMS) -> int:
+    """Put jobs left ``claimed`` by a worker that died back to ``pending``; returns how many.
+
+    Called when the node starts, before its worker runs, so every claim found is stale. Results are
+    written under deterministic UIDs and committed with the job, so re-running a job that died half
+    way never duplicates anything. A job that was claimed ``max_claims`` times already is failed
+    instead: it probably killed the process itself.
+    """
+    requeued = 0
+    with sessions() as session:
+        jobs = list(session.scalars(select(Job).where(Job.state == "claimed")))
+        for job in jobs:
+            study = session.get(Study, job.study_id)
+            if job.attempts >= max_claims:
+                job.state = "failed"
+                job.error = f"abandoned after {job.attempts} claims without finishing"
+                job.finished_at = utcnow()
+                if study is not None:
+                    if study.state != "receiving":
+                        study.state = "failed"
+                    audit.record(
+                        session,
+                        audit.STUDY_FAILED,
+                        ACTOR,
+                        patient_id=study.patient_id,
+                        study_uid=study.study_uid,
+                        details={"job_id": job.id, "version": job.version, "error": job.error},
+                    )
+                log.warning("job %d failed: %s", job.id, job.error)
+                continue
+            job.state = "pending"
+            job.claimed_by = None
+            job.claimed_at = None
+            if study is not None and study.state == "scoring":
+                study.state = "queued"
+            requeued += 1
+            log.info("job %d (version %d) requeued after an interrupted run", job.id, job.version)
+        session.commit()
+    return requeued

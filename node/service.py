@@ -1,0 +1,198 @@
+"""`mammonode serve`: the node as one process -- SCP, assembly + worker, and sender.
+
+Everything durable lives in the database and in files (spool, outbox), never only in memory, so
+the node can be killed at any moment (``kill -9`` included) and resumes on restart: jobs a dead
+worker had claimed are requeued, pending jobs are scored, pending transmissions are sent, and the
+deterministic result UIDs plus unique constraints make sure exactly one set of results exists.
+
+Three activities run side by side: the pynetdicom server (its own threads; the C-STORE handler
+only spools and records), a loop that promotes ready studies and scores them, and a loop that
+delivers due transmissions. The loops poll every ``config.poll_seconds``; a loop that found work
+goes round again at once. An error in one round is logged and the loop carries on (invariant 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from node import audit
+from node.config import NodeConfig
+from node.db.session import make_engine, session_factory
+from node.queue.assembly import promote_ready, requeue_stale_claims
+from node.queue.model import PipelineFactory
+from node.queue.worker import Worker
+
+log = logging.getLogger(__name__)
+
+ACTOR = "node"
+STOP_TIMEOUT_SECONDS = 60.0
+"""How long :meth:`Node.stop` waits for a scoring round in progress before giving up on it (its
+job stays claimed and is requeued on the next start)."""
+
+
+def database_kind(url: str) -> str:
+    """``sqlite`` or ``postgresql`` (the dialect, never the URL: it may hold a password)."""
+    return url.split(":", 1)[0].split("+", 1)[0] or "unknown"
+
+
+class Node:
+    """One MammoNode service: ``start()``, then ``stop()``; or ``serve_forever()`` until a signal."""
+
+    def __init__(self, config: NodeConfig, *, pipeline_factory: PipelineFactory | None = None) -> None:
+        self.config = config
+        self._pipeline_factory = pipeline_factory
+        self._engine: Engine | None = None
+        self._sessions: sessionmaker[Session] | None = None
+        self._server: Any = None
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self.worker: Worker | None = None
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        if self._sessions is None:
+            raise RuntimeError("the node is not started")
+        return self._sessions
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def start(self) -> None:
+        """Prepare the data folder and database, load the model, then start receiving and working.
+
+        The model is loaded before the SCP opens its port, so a node that cannot score (model
+        missing, backend unavailable) fails at start instead of accepting studies it cannot handle.
+        """
+        from node.db.migrate import ensure_schema
+        from node.dicom.scp import start_scp
+
+        config = self.config
+        for folder in (config.data_dir, config.spool_dir, config.outbox_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        url = config.resolved_database_url
+        ensure_schema(url, create_sqlite=True)
+        self._engine = make_engine(url)
+        self._sessions = session_factory(self._engine)
+        try:
+            requeued = requeue_stale_claims(self._sessions)
+            if requeued:
+                log.info("requeued %d job(s) interrupted by the last shutdown", requeued)
+            self.worker = Worker(config, self._sessions, self._pipeline_factory)
+            pipeline = self.worker.load()
+            self._stop.clear()
+            self._server = start_scp(config, self._sessions)
+        except BaseException:
+            self._engine.dispose()
+            self._engine = self._sessions = None
+            raise
+        self._threads = [
+            threading.Thread(
+                target=self._loop, args=("scoring", self._score_round), name="mammonode-scoring"
+            ),
+            threading.Thread(target=self._loop, args=("sending", self._send_round), name="mammonode-sending"),
+        ]
+        for thread in self._threads:
+            thread.daemon = True
+            thread.start()
+        m = pipeline.manifest
+        with self._sessions() as session:
+            audit.record(
+                session,
+                audit.NODE_STARTED,
+                ACTOR,
+                details={
+                    "ae_title": config.ae_title,
+                    "port": config.port,
+                    "database": database_kind(url),
+                    "backend": pipeline.backend.name,
+                    "model_name": m.name,
+                    "model_version": m.version,
+                    "weights_sha256": m.weights_sha256,
+                    "destinations": [str(d) for d in config.destinations],
+                    "requeued_jobs": requeued,
+                },
+            )
+            session.commit()
+        log.info(
+            "node %s listening on %s:%d (%s database, model %s %s)",
+            config.ae_title,
+            config.bind_address,
+            config.port,
+            database_kind(url),
+            m.name,
+            m.version,
+        )
+
+    def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
+        """Stop receiving, let the loops finish their round, record the stop, close the database."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server = None
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("%s did not finish within %.0f s; leaving it", thread.name, timeout)
+        self._threads = []
+        if self._sessions is not None:
+            with self._sessions() as session:
+                audit.record(session, audit.NODE_STOPPED, ACTOR, details={"ae_title": self.config.ae_title})
+                session.commit()
+        if self._engine is not None:
+            self._engine.dispose()
+        self._engine = self._sessions = None
+        log.info("node %s stopped", self.config.ae_title)
+
+    def serve_forever(self) -> None:
+        """Start, run until SIGTERM or SIGINT, then stop gracefully (must run in the main thread)."""
+        stop = threading.Event()
+
+        def request_stop(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            stop.set()
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            try:
+                while not stop.wait(1.0):
+                    pass
+            finally:
+                self.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    # ---------------------------------------------------------------------------------------
+    # Background loops
+    # ---------------------------------------------------------------------------------------
+
+    def _score_round(self) -> int:
+        """Queue the studies that became ready, then score one batch of jobs."""
+        promote_ready(self.config, self.sessions)
+        return self.worker.run_once() if self.worker is not None else 0
+
+    def _send_round(self) -> int:
+        from node.dicom.sender import deliver_due
+
+        return deliver_due(self.config, self.sessions)
+
+    def _loop(self, what: str, round_: Callable[[], int]) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = round_() > 0
+            except Exception:
+                log.exception("%s round failed; retrying in %.1f s", what, self.config.poll_seconds)
+                busy = False
+            if not busy:
+                self._stop.wait(self.config.poll_seconds)

@@ -1,0 +1,429 @@
+"""The scoring worker: claims, scores, writes the outbox and records everything, exactly once."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from peers import write_mammogram, write_study
+from pydicom import dcmread
+from queue_helpers import T0, events, make_config, referenced_uids, spool_file, study_row
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from inference.manifest import load_manifest
+from inference.pipeline import Pipeline, PreparedImage
+from inference.types import ImageScore
+from inference.uids import derive_uid
+from node.config import Destination, NodeConfig
+from node.db.models import Breast, Instance, Job, ModelVersion, OutputObject, Score, Study, Transmission
+from node.queue.assembly import promote_ready, requeue_stale_claims
+from node.queue.model import pipeline_factory, select_model_dir
+from node.queue.worker import Worker, claim_job
+
+STUDY_A = derive_uid("tests", "queue", "study-a")
+STUDY_B = derive_uid("tests", "queue", "study-b")
+DESTINATIONS = (Destination("PACS", "127.0.0.1", 1), Destination("ARCHIVE", "127.0.0.1", 2))
+READY = T0.replace(minute=5)  # long after every study below is complete
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    """Two 4-view studies and a late fifth image (L-CC) of study A, explicit VR for speed."""
+    root = tmp_path_factory.mktemp("queue-studies")
+    a = write_study(root / "a", patient_id="P-A", study_uid=STUDY_A, transfer_syntax="explicit")
+    b = write_study(root / "b", patient_id="P-B", study_uid=STUDY_B, transfer_syntax="explicit", seed=1)
+    late = root / "late" / "L_CC_2.dcm"
+    write_mammogram(
+        late,
+        patient_id="P-A",
+        study_uid=STUDY_A,
+        laterality="L",
+        view="CC",
+        transfer_syntax="explicit",
+        instance_number=5,
+    )
+    return {"a": a, "b": b, "late": [late]}
+
+
+def _config(tmp_path: Path, model: Path | None, **overrides: object) -> NodeConfig:
+    return make_config(tmp_path, model_dir=model, destinations=DESTINATIONS, **overrides)
+
+
+def _queue(sessions: sessionmaker[Session], config: NodeConfig, files: list[Path]) -> list[int]:
+    for path in files:
+        spool_file(sessions, config, path)
+    return promote_ready(config, sessions, now=READY)
+
+
+def _uid(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def _outputs(sessions: sessionmaker[Session], job_id: int | None = None) -> list[OutputObject]:
+    with sessions() as session:
+        query = select(OutputObject).order_by(OutputObject.id)
+        if job_id is not None:
+            query = query.where(OutputObject.job_id == job_id)
+        return list(session.scalars(query))
+
+
+def _scores(sessions: sessionmaker[Session], job_id: int) -> list[Score]:
+    with sessions() as session:
+        return list(session.scalars(select(Score).where(Score.job_id == job_id)))
+
+
+def _job(sessions: sessionmaker[Session], job_id: int) -> Job:
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def test_a_study_is_scored_into_traceable_scores_outputs_and_transmissions(
+    sessions: sessionmaker[Session], tmp_path: Path, test_model: Path, studies: dict[str, list[Path]]
+) -> None:
+    config = _config(tmp_path, test_model)
+    (job_id,) = _queue(sessions, config, studies["a"])
+    manifest = load_manifest(test_model)
+
+    assert Worker(config, sessions).run_once() == 1
+
+    job = _job(sessions, job_id)
+    assert job.state == "done" and job.error is None and job.model_version_id is not None
+    with sessions() as session:
+        model = session.get(ModelVersion, job.model_version_id)
+        assert model is not None
+        assert (model.name, model.version, model.weights_sha256) == (
+            manifest.name,
+            manifest.version,
+            manifest.weights_sha256,
+        )
+        assert not model.active  # registering never promotes
+    assert len(events(sessions, "model.registered")) == 1
+
+    # Scores: 4 images, 2 breasts, 1 exam, each naming the model and weights.
+    scores = _scores(sessions, job_id)
+    assert sorted(s.level for s in scores) == ["breast"] * 2 + ["exam"] + ["image"] * 4
+    sources = {_uid(p) for p in studies["a"]}
+    for s in scores:
+        assert (s.model_name, s.model_version, s.weights_sha256) == (
+            manifest.name,
+            manifest.version,
+            manifest.weights_sha256,
+        )
+        assert s.threshold == manifest.threshold and 0.0 <= s.probability <= 1.0
+    assert {s.sop_instance_uid for s in scores if s.level == "image"} == sources
+    (exam,) = [s for s in scores if s.level == "exam"]
+    assert exam.input_uids == {"sop_instance_uids": sorted(sources)}
+    assert exam.recall == (exam.probability >= manifest.threshold)
+    breasts = {s.laterality: s for s in scores if s.level == "breast"}
+    assert set(breasts) == {"L", "R"} and exam.probability == max(b.probability for b in breasts.values())
+
+    # Outputs: one CAM SC per image and one SR, as files in outbox/<study>/<sop>.dcm.
+    outputs = _outputs(sessions)
+    assert sorted(o.kind for o in outputs) == ["SC"] * 4 + ["SR"]
+    sc_sources: set[str] = set()
+    for output in outputs:
+        path = config.outbox_dir / output.outbox_path
+        assert path == config.outbox_dir / STUDY_A / f"{output.sop_instance_uid}.dcm"
+        ds = dcmread(path)
+        assert str(ds.SOPInstanceUID) == output.sop_instance_uid
+        assert str(ds.StudyInstanceUID) == STUDY_A
+        if output.kind == "SC":
+            (source,) = ds.SourceImageSequence
+            sc_sources.add(str(source.ReferencedSOPInstanceUID))
+            assert output.source_uids == {"sop_instance_uids": [str(source.ReferencedSOPInstanceUID)]}
+        else:
+            assert referenced_uids(ds) >= sources
+    assert sc_sources == sources
+
+    # One pending transmission per output and destination.
+    with sessions() as session:
+        sends = list(session.scalars(select(Transmission)))
+    assert sorted((t.output_id, t.destination) for t in sends) == sorted(
+        (o.id, str(d)) for o in outputs for d in DESTINATIONS
+    )
+    assert {t.state for t in sends} == {"pending"}
+
+    study = study_row(sessions, STUDY_A)
+    assert (study.state, study.scored_version) == ("scored", 1)
+    with sessions() as session:
+        assert {(b.laterality, b.dirty, b.scored_version) for b in session.scalars(select(Breast))} == {
+            ("L", False, 1),
+            ("R", False, 1),
+        }
+    (scored,) = events(sessions, "study.scored")
+    assert scored.study_uid == STUDY_A and scored.patient_id == "P-A" and scored.details is not None
+    assert scored.details["weights_sha256"] == manifest.weights_sha256
+    assert scored.details["model_version"] == manifest.version
+    assert scored.details["exam_probability"] == pytest.approx(exam.probability, abs=1e-6)
+    assert scored.details["breast_probabilities"]["L"] == pytest.approx(breasts["L"].probability, abs=1e-6)
+    assert scored.details["recall"] == exam.recall
+
+    assert Worker(config, sessions).run_once() == 0  # nothing left
+
+
+def test_a_late_image_gives_version_2_with_that_breasts_captures_and_a_new_report(
+    sessions: sessionmaker[Session], tmp_path: Path, test_model: Path, studies: dict[str, list[Path]]
+) -> None:
+    config = _config(tmp_path, test_model)
+    (first,) = _queue(sessions, config, studies["a"])
+    worker = Worker(config, sessions)
+    worker.run_once()
+
+    spool_file(sessions, config, studies["late"][0], at=READY)
+    assert study_row(sessions, STUDY_A).state == "receiving"
+    (second,) = promote_ready(config, sessions, now=READY.replace(minute=6))
+    assert _job(sessions, second).lateralities == "L"
+    assert worker.run_once() == 1
+
+    v1, v2 = _outputs(sessions, first), _outputs(sessions, second)
+    assert len(v1) == 5  # version 1 is kept
+    left = {_uid(p) for p in studies["a"][:2]} | {_uid(studies["late"][0])}
+    assert sorted(o.kind for o in v2) == ["SC"] * 3 + ["SR"]
+    assert {o.source_uids["sop_instance_uids"][0] for o in v2 if o.kind == "SC" and o.source_uids} == left
+    (sr1,) = [o for o in v1 if o.kind == "SR"]
+    (sr2,) = [o for o in v2 if o.kind == "SR"]
+    assert sr1.sop_instance_uid != sr2.sop_instance_uid
+    all_sources = {_uid(p) for p in studies["a"] + studies["late"]}
+    assert referenced_uids(dcmread(config.outbox_dir / sr2.outbox_path)) >= all_sources
+    assert {o.sop_instance_uid for o in v1}.isdisjoint(o.sop_instance_uid for o in v2)
+
+    # Version 2 scores all five images (the exam needs both breasts).
+    assert sum(s.level == "image" for s in _scores(sessions, second)) == 5
+    study = study_row(sessions, STUDY_A)
+    assert (study.state, study.scored_version) == ("scored", 2)
+    assert [e.details["version"] for e in events(sessions, "study.scored") if e.details] == [1, 2]
+
+
+def test_an_unreadable_spooled_image_is_skipped_and_the_rest_scored(
+    sessions: sessionmaker[Session], tmp_path: Path, test_model: Path, studies: dict[str, list[Path]]
+) -> None:
+    config = _config(tmp_path, test_model)
+    (job_id,) = _queue(sessions, config, studies["a"])
+    broken_uid = _uid(studies["a"][3])
+    with sessions() as session:
+        broken = session.scalars(select(Instance).where(Instance.sop_instance_uid == broken_uid)).one()
+        path = config.spool_dir / broken.spool_path
+    path.write_bytes(path.read_bytes()[:2000])  # cut inside the header
+
+    assert Worker(config, sessions).run_once() == 1
+
+    assert _job(sessions, job_id).state == "done"
+    with sessions() as session:
+        broken = session.scalars(select(Instance).where(Instance.sop_instance_uid == broken_uid)).one()
+        assert not broken.scorable and "unreadable" in (broken.skip_reason or "")
+    (ignored,) = events(sessions, "instance.ignored")
+    assert ignored.sop_instance_uid == broken_uid
+    assert sum(s.level == "image" for s in _scores(sessions, job_id)) == 3
+    assert sorted(o.kind for o in _outputs(sessions)) == ["SC"] * 3 + ["SR"]
+    assert study_row(sessions, STUDY_A).state == "scored"
+
+
+def test_a_study_with_no_readable_image_ends_skipped_without_outputs(
+    sessions: sessionmaker[Session], tmp_path: Path, test_model: Path, studies: dict[str, list[Path]]
+) -> None:
+    config = _config(tmp_path, test_model)
+    (job_id,) = _queue(sessions, config, studies["a"][:2])
+    for path in (config.spool_dir / STUDY_A).rglob("*.dcm"):
+        path.write_bytes(b"not DICOM")
+
+    assert Worker(config, sessions).run_once() == 1
+    assert _job(sessions, job_id).state == "done"
+    assert _outputs(sessions) == [] and _scores(sessions, job_id) == []
+    assert study_row(sessions, STUDY_A).state == "skipped"
+    assert len(events(sessions, "instance.ignored")) == 2
+    assert len(events(sessions, "study.skipped")) == 1
+
+
+def test_a_failing_study_is_recorded_and_does_not_stop_the_others(
+    sessions: sessionmaker[Session], tmp_path: Path, test_model: Path, studies: dict[str, list[Path]]
+) -> None:
+    class Failing(Pipeline):
+        def infer(self, images: list[PreparedImage]) -> list[ImageScore]:  # type: ignore[override]
+            if any(p.meta.study_instance_uid == STUDY_B for p in images):
+                raise RuntimeError("backend exploded")
+            return super().infer(images)
+
+    def factory(model_dir: Path) -> Pipeline:
+        return Failing(pipeline_factory(config)(model_dir).backend)
+
+    config = _config(tmp_path, test_model)
+    job_a, job_b = _queue(sessions, config, studies["a"] + studies["b"])
+
+    assert Worker(config, sessions, pipeline_factory=factory).run_once() == 2
+
+    assert _job(sessions, job_a).state == "done"
+    failed = _job(sessions, job_b)
+    assert failed.state == "failed" and "backend exploded" in (failed.error or "")
+    assert study_row(sessions, STUDY_B).state == "failed"
+    (event,) = events(sessions, "study.failed")
+    assert event.study_uid == STUDY_B and event.details and "backend exploded" in event.details["error"]
+    assert {o.job_id for o in _outputs(sessions)} == {job_a}
+
+
+def test_jobs_of_several_studies_share_backend_batches(
+    sessions: sessionmaker[Session], tmp_path: Path, test_model: Path, studies: dict[str, list[Path]]
+) -> None:
+    calls: list[int] = []
+
+    class Counting(Pipeline):
+        def infer(self, images: list[PreparedImage]) -> list[ImageScore]:  # type: ignore[override]
+            calls.append(len(images))
+            return super().infer(images)
+
+    config = _config(tmp_path, test_model, batch_size=8)
+    _queue(sessions, config, studies["a"] + studies["b"])
+    worker = Worker(
+        config,
+        sessions,
+        pipeline_factory=lambda d: Counting(pipeline_factory(config)(d).backend, batch_size=8),
+    )
+    assert worker.run_once() == 2
+    assert calls == [8]
+    with sessions() as session:
+        assert session.scalars(select(Job.state)).all() == ["done", "done"]
+        assert session.scalar(select(Study.state).where(Study.study_uid == STUDY_B)) == "scored"
+
+
+def test_concurrent_claims_take_each_job_exactly_once(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    with sessions() as session:
+        for n in range(24):
+            study = Study(study_uid=f"1.2.3.{n}", patient_id="P", state="queued")
+            session.add(study)
+            session.flush()
+            session.add(Job(study_id=study.id, version=1, lateralities="LR", state="pending"))
+        session.commit()
+    claimed: dict[str, list[int]] = {}
+    start = threading.Barrier(4)
+
+    def claim_all(name: str) -> None:
+        mine = claimed.setdefault(name, [])
+        start.wait()
+        while (job_id := claim_job(sessions, name)) is not None:
+            mine.append(job_id)
+
+    threads = [threading.Thread(target=claim_all, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    ids = [j for mine in claimed.values() for j in mine]
+    assert len(ids) == 24 and len(set(ids)) == 24
+    with sessions() as session:
+        rows = list(session.scalars(select(Job)))
+    assert all(j.state == "claimed" and j.attempts == 1 for j in rows)
+    assert {j.id: j.claimed_by for j in rows} == {j: name for name, mine in claimed.items() for j in mine}
+
+
+def test_two_workers_score_each_study_once(
+    sessions: sessionmaker[Session], tmp_path: Path, test_model: Path, studies: dict[str, list[Path]]
+) -> None:
+    config = _config(tmp_path, test_model, batch_size=4)  # one study per round
+    jobs = _queue(sessions, config, studies["a"] + studies["b"])
+    workers = [Worker(config, sessions, name=f"worker-{i}") for i in range(2)]
+    for w in workers:
+        w.load()
+    handled: list[int] = []
+    start = threading.Barrier(2)
+
+    def run(w: Worker) -> None:
+        start.wait()
+        while n := w.run_once():
+            handled.append(n)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sum(handled) == 2
+    for job_id in jobs:
+        assert _job(sessions, job_id).state == "done"
+        assert len(_scores(sessions, job_id)) == 7
+    assert len(_outputs(sessions)) == 10
+    assert len(events(sessions, "study.scored")) == 2
+
+
+def test_a_run_killed_after_writing_files_is_resumed_with_one_set_of_results(
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    test_model: Path,
+    studies: dict[str, list[Path]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = _config(tmp_path, test_model)
+    (job_id,) = _queue(sessions, config, studies["a"])
+
+    class Killed(BaseException):
+        """Stands in for the process dying (kill -9) between the files and the commit."""
+
+    def die(*_args: object) -> bool:
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(Worker, "_complete_job", die)
+        with pytest.raises(Killed):
+            Worker(config, sessions).run_once()
+    written = sorted(p.name for p in (config.outbox_dir / STUDY_A).iterdir())
+    assert len(written) == 5 and _outputs(sessions) == []
+    assert _job(sessions, job_id).state == "claimed"
+
+    # Restart: the claim is stale, the job runs again and lands once, under the same UIDs.
+    assert requeue_stale_claims(sessions) == 1
+    assert Worker(config, sessions).run_once() == 1
+    outputs = _outputs(sessions)
+    assert sorted(f"{o.sop_instance_uid}.dcm" for o in outputs) == written
+    assert sorted(p.name for p in (config.outbox_dir / STUDY_A).iterdir()) == written
+    assert len(_scores(sessions, job_id)) == 7
+    assert _job(sessions, job_id).attempts == 2
+
+
+def test_the_served_model_is_the_configured_then_the_promoted_one(
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    test_model: Path,
+    other_weights_model: Path,
+    studies: dict[str, list[Path]],
+) -> None:
+    loads: list[Path] = []
+
+    def counting(config: NodeConfig) -> Callable[[Path], Pipeline]:
+        def build(model_dir: Path) -> Pipeline:
+            loads.append(model_dir)
+            return pipeline_factory(config)(model_dir)
+
+        return build
+
+    pinned = _config(tmp_path, test_model)
+    with sessions() as session:
+        assert select_model_dir(pinned, session) == test_model
+    unpinned = _config(tmp_path, None)
+    worker = Worker(unpinned, sessions, pipeline_factory=counting(unpinned))
+
+    # Promote the other model (what `mammonode model promote` does): the next round serves it.
+    other = load_manifest(other_weights_model)
+    with sessions() as session:
+        session.add(
+            ModelVersion(
+                name=other.name,
+                version=other.version,
+                weights_sha256=other.weights_sha256,
+                path=str(other_weights_model),
+                active=True,
+                promoted_at=T0,
+            )
+        )
+        session.commit()
+        assert select_model_dir(unpinned, session) == other_weights_model
+    (job_id,) = _queue(sessions, unpinned, studies["a"])
+    assert worker.run_once() == 1
+    assert loads == [other_weights_model.resolve()]
+    assert {s.weights_sha256 for s in _scores(sessions, job_id)} == {other.weights_sha256}
+    assert worker.run_once() == 0 and worker.load() is worker.pipeline and len(loads) == 1
+    assert events(sessions, "model.registered") == []  # already known by its hash
