@@ -95,9 +95,12 @@ def demo(
         typer.Option("--model", help="Model folder (model.json + weights); default: bundled demo."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic studies (same seed, same results).")] = 0,
+    offline: Annotated[
+        bool, typer.Option(help="Score the files directly instead of through a node on loopback.")
+    ] = False,
 ) -> None:
-    """Synthesise a cancer and a normal 4-view study, score them and show where the results went."""
-    from node.demo import run_demo
+    """Start a node on loopback, send it a cancer and a normal 4-view study over DICOM, show the results."""
+    from node.demo import run_demo, score_offline
 
     try:
         from training.synth.studies import synthesise_studies
@@ -105,7 +108,8 @@ def demo(
         hint = "pip install 'mammonode[train]'"
         typer.echo(f"error: mammonode demo needs the training extra ({exc.name} missing): {hint}", err=True)
         raise typer.Exit(1) from None
-    raise typer.Exit(run_demo(out, model, seed, synthesise=synthesise_studies))
+    step = score_offline if offline else None
+    raise typer.Exit(run_demo(out, model, seed, synthesise=synthesise_studies, score_step=step))
 
 
 def _mount_training() -> None:
@@ -116,6 +120,17 @@ def _mount_training() -> None:
 
 
 _mount_training()
+
+
+def _mount_node_commands() -> None:
+    """Add the service and admin commands (serve, echo, send, studies, queue, audit, db, model...)."""
+    from node.commands import MODULES
+
+    for name in MODULES:
+        importlib.import_module(f"node.commands.{name}").register(app)
+
+
+_mount_node_commands()
 
 
 def main() -> None:

@@ -6,10 +6,11 @@ the phantoms the bundled model was trained on), scores them with the bundled mod
 ``--model``) and says where the CAM pictures, secondary captures and report went, next to the
 ground truth, so the user can judge the result.
 
-The demo is three steps: synthesise -> score -> report. Today the score step is the offline
-scorer (:func:`node.offline.run_score`); a later version starts the node on loopback and sends the
-studies over DICOM instead. That only swaps the ``score_step`` (same signature: input files, output
-folder, model folder -> exit status); synthesis and reporting stay as they are.
+The demo is three steps: synthesise -> score -> report. The score step starts a node on
+loopback and sends the studies to it over DICOM (:func:`node.demo_network.score_over_network`),
+so the demo shows the product's whole loop; ``--offline`` uses the file scorer
+(:func:`node.offline.run_score`) instead. Both have the same signature (input files, output
+folder, model folder -> exit status) and write the same ``summary.json``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ status; writes ``summary.json`` there."""
 
 
 def score_offline(files: list[Path], out: Path, model_dir: Path) -> int:
-    """The score step of today's demo: the offline scorer, which also prints the score table."""
+    """The ``--offline`` score step: the file scorer, which also prints the score table."""
     from node.offline import run_score
 
     return run_score(files, out=out, model_dir=model_dir)
@@ -90,7 +91,7 @@ def run_demo(
     seed: int,
     *,
     synthesise: Synthesise,
-    score_step: ScoreStep = score_offline,
+    score_step: ScoreStep | None = None,
 ) -> int:
     """Synthesise two studies in a temporary folder inside ``out``, score them, report; exit status.
 
@@ -103,6 +104,10 @@ def run_demo(
         studies = synthesise(Path(tmp), seed)
         files = [path for study in studies for path in study.files]
         log.info("synthesised %d studies (%d images) for the demo", len(studies), len(files))
+        if score_step is None:
+            from node.demo_network import score_over_network
+
+            score_step = score_over_network
         code = score_step(files, out, model)
     if (out / "summary.json").is_file():
         typer.echo("\n".join(describe_results(out, studies)))

@@ -60,8 +60,6 @@ class TrainRequest:
             raise InputError(f"--cam-mask-weight must be >= 0, got {self.cam_mask_weight}")
         if self.cam_mask_weight > 0 and self.layout != "rsna":
             raise InputError("--cam-mask-weight needs lesion masks, which only the rsna layout has")
-        if self.init_model is not None and self.resume is not None:
-            raise InputError("--init-model starts a new run; --resume continues one: give only one")
 
     def initial_model(self, in_chans: int = 1) -> Any:
         """The untrained model, or the ``init_model`` weights when fine-tuning (checked to fit)."""

@@ -29,11 +29,11 @@ def _uids(out: Path) -> set[str]:
     return {p.stem for sub in ("sc", "sr") for p in (out / sub).glob("*.dcm")}
 
 
-def test_demo_scores_one_cancer_and_one_normal_study_and_says_where_the_results_are(
+def test_offline_demo_scores_one_cancer_and_one_normal_study_and_says_where_the_results_are(
     test_model: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "demo"
-    code, stdout, stderr = _demo("--out", out, "--model", test_model, "--seed", "3")
+    code, stdout, stderr = _demo("--out", out, "--model", test_model, "--seed", "3", "--offline")
     assert code == 0, stderr
 
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
@@ -66,6 +66,49 @@ def test_demo_scores_one_cancer_and_one_normal_study_and_says_where_the_results_
     assert sorted(p.name for p in out.iterdir()) == ["png", "sc", "sr", "summary.json"]
 
     # Same seed again into the same folder: the same objects, none added (invariant 6).
+    before = _uids(out)
+    code, _, stderr = _demo("--out", out, "--model", test_model, "--seed", "3", "--offline")
+    assert code == 0, stderr
+    assert _uids(out) == before and len(before) == 10
+
+
+@pytest.mark.slow
+def test_demo_sends_the_studies_through_a_loopback_node_and_collects_what_it_returns(
+    test_model: Path, tmp_path: Path
+) -> None:
+    """The README's main job: node, modality and PACS on 127.0.0.1, real associations."""
+    from sqlalchemy import create_engine, text
+
+    out = tmp_path / "demo"
+    code, stdout, stderr = _demo("--out", out, "--model", test_model, "--seed", "3")
+    assert code == 0, stderr
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["model"]["notice"] == RESEARCH_NOTICE
+    assert len(summary["studies"]) == 2
+    sent = {s["study_uid"] for s in summary["studies"]}
+    for sub, n in (("sc", 8), ("sr", 2), ("png", 8)):
+        assert len(list((out / sub).iterdir())) == n, sub
+    for path in (out / "sc").glob("*.dcm"):
+        ds = read_dataset(path)
+        assert str(ds.StudyInstanceUID) in sent
+        assert read_meta(ds).modality == "OT"
+    lines = stdout.splitlines()
+    assert any(line.startswith("sent 8 images over DICOM") for line in lines)
+    truth = [line for line in lines if line.strip().startswith("patient ")]
+    assert sum("cancer in" in line for line in truth) == 1 and sum("normal" in line for line in truth) == 1
+    for study in summary["studies"]:
+        assert any(study["study_uid"] in line and "scored" in line for line in lines)
+
+    # The node's own record of it: receipt, scoring and delivery of both studies, audited.
+    engine = create_engine(f"sqlite:///{out / 'node' / 'mammonode.sqlite'}")
+    with engine.connect() as conn:
+        events = dict(conn.execute(text("SELECT event, count(*) FROM audit_events GROUP BY event")).all())
+    engine.dispose()
+    assert events["instance.received"] == 8
+    assert events["study.scored"] == 2
+    assert events["result.sent"] == 10
+
+    # Again into the same folder: a new node, the same result objects (invariant 6).
     before = _uids(out)
     code, _, stderr = _demo("--out", out, "--model", test_model, "--seed", "3")
     assert code == 0, stderr

@@ -45,8 +45,6 @@ def test_fine_tuning_requests_that_cannot_work_are_refused(tmp_path: Path) -> No
         other.initial_model()
     with pytest.raises(InputError, match="channel"):
         TrainRequest(dataset=tmp_path, out=tmp_path, init_model=source_dir).initial_model(in_chans=3)
-    with pytest.raises(InputError, match="only one"):
-        TrainRequest(dataset=tmp_path, out=tmp_path, init_model=source_dir, resume=tmp_path / "last.pt")
     with pytest.raises(InputError, match="rsna layout"):
         TrainRequest(dataset=tmp_path, out=tmp_path, layout="idc", cam_mask_weight=1.0)
     with pytest.raises(InputError, match=">= 0"):
