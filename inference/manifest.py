@@ -178,10 +178,15 @@ def save_manifest(manifest: ModelManifest, model_dir: Path) -> Path:
     return path
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a synced temp file and a rename, so a reader never sees half a file."""
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write via a synced temp file and a rename, so a reader never sees half a file.
+
+    ``mode`` replaces the temp file's private 0600: model artefacts must be readable by the
+    service account that serves them; patient data (spool, outbox) passes 0o600 (or 0o640).
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -199,6 +204,28 @@ def file_sha256(path: Path) -> str:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_verified(path: Path, sha256: str | None, *, what: str) -> bytes:
+    """The bytes of an artefact (ONNX graph, engine) after checking them against the manifest.
+
+    The very bytes that were hashed are the ones the caller deserialises, so no window is left in
+    which the file could be swapped between check and use. Raises :class:`InputError` if the
+    manifest has no hash, the file is unreadable, or the hashes differ (a tampered or stale file).
+    """
+    if not sha256:
+        raise InputError(f"manifest has no SHA-256 for the {what} {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read the {what} {path}: {exc}") from exc
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise InputError(
+            f"the {what} {path} has SHA-256 {actual}, the manifest says {sha256}: "
+            "the file was modified or belongs to other weights; export it again"
+        )
+    return data
 
 
 def verify_weights(model_dir: Path, manifest: ModelManifest) -> Path:

@@ -1,4 +1,4 @@
-"""Training commands mounted on the `mammonode` CLI: synth, train, evaluate.
+"""Training commands mounted on the `mammonode` CLI: synth, train, evaluate, export.
 
 This module imports only typer at load time; torch, timm and the generators are imported inside
 the commands, so the serving CLI stays fast and works without the training extra.
@@ -6,6 +6,7 @@ the commands, so the serving CLI stays fast and works without the training extra
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Annotated
 
@@ -62,10 +63,30 @@ def synth_command(
     )
 
 
+EXPORT_MODULES: tuple[str, ...] = ("training.export", "training.export_tensorrt")
+"""Modules adding a subcommand to `mammonode export`, each through ``register_export(group)``.
+An exporter (ONNX, TensorRT) lives in its own module and is listed here; like this one, each
+imports only typer and light modules at load time."""
+
+
+def export_group() -> typer.Typer:
+    """The `mammonode export` command group with every exporter of :data:`EXPORT_MODULES`."""
+    group = typer.Typer(
+        name="export",
+        help="Export a model for serving: ONNX graph, TensorRT engine.",
+        no_args_is_help=True,
+        rich_markup_mode=None,
+    )
+    for name in EXPORT_MODULES:
+        importlib.import_module(name).register_export(group)
+    return group
+
+
 def register(app: typer.Typer) -> None:
-    """Add the training commands to the product CLI."""
+    """Add the training and export commands to the product CLI."""
     app.command("synth")(synth_command)
     from training import commands
 
     app.command("train")(commands.train_command)
     app.command("evaluate")(commands.evaluate_command)
+    app.add_typer(export_group(), name="export")

@@ -83,7 +83,9 @@ def evaluate_command(
     dataset: Annotated[Path, typer.Argument(help="Labelled dataset folder (RSNA layout, or see --layout).")],
     model: Annotated[Path | None, typer.Option(help="Model folder; default: the bundled demo model.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-    backend: Annotated[str, typer.Option(help="Inference backend.")] = "torch",
+    backend: Annotated[
+        str, typer.Option(help="Inference backend: torch, onnxruntime (after `mammonode export onnx`).")
+    ] = "torch",
     aggregation: Annotated[str | None, typer.Option(help="pagg, mean or max (default: the model's).")] = None,
     sensitivity: Annotated[float, typer.Option(help="Target sensitivity for the suggested threshold.")] = 0.9,
     plots: Annotated[Path | None, typer.Option(help="Folder for ROC/PR plots.")] = None,

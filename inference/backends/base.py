@@ -14,6 +14,11 @@ import numpy as np
 from inference.manifest import ModelManifest
 from inference.types import MammoNodeError
 
+GRAPH_INPUT = "image"
+GRAPH_OUTPUTS: tuple[str, str] = ("logit", "cam")
+"""Tensor names of the exported graph (ONNX, and the TensorRT engine built from it): input
+``image`` (B, C, H, W) float32 in [0, 1]; outputs ``logit`` (B,) and ``cam`` (B, h, w)."""
+
 
 class BackendUnavailable(MammoNodeError):
     """A backend cannot be used here (package missing, no GPU, not implemented); ``reason`` says why."""

@@ -4,6 +4,10 @@ Adding a backend means adding one :class:`_Spec` row: the packages it needs and 
 ``module:Class`` that implements :class:`~inference.backends.base.Backend` with the constructor
 ``(model_dir, *, device)``. Modules are imported only when that backend is loaded, so listing
 backends never imports torch, onnxruntime or tensorrt.
+
+Why a backend cannot run is always said in :class:`BackendUnavailable`'s ``reason``: a missing
+package is found here, before importing anything; what only the backend can know (no GPU, a model
+without an ONNX export, an engine built for another GPU) its constructor raises while loading.
 """
 
 from __future__ import annotations
@@ -25,12 +29,28 @@ NOT_IMPLEMENTED = "not implemented yet"
 class _Spec:
     requires: tuple[str, ...]  # importable top-level package names
     target: str | None  # "module:Class"; None while the backend is not implemented
+    install: str = ""  # how to get the missing packages, appended to "package X not installed"
+    probe: str | None = None  # "module:function" -> reason or None; cheap checks past the packages
 
 
 _BACKENDS: dict[str, _Spec] = {
-    "torch": _Spec(("torch", "timm", "safetensors"), "inference.backends.torch_backend:TorchBackend"),
-    "onnxruntime": _Spec(("onnxruntime",), None),
-    "tensorrt": _Spec(("tensorrt",), None),
+    "torch": _Spec(
+        ("torch", "timm", "safetensors"),
+        "inference.backends.torch_backend:TorchBackend",
+        "install the train extra: pip install 'mammonode[train]'",
+    ),
+    "onnxruntime": _Spec(
+        ("onnxruntime",),
+        "inference.backends.onnxruntime_backend:OnnxRuntimeBackend",
+        "it is part of the base install: pip install onnxruntime",
+    ),
+    "tensorrt": _Spec(
+        ("tensorrt",),
+        "inference.backends.tensorrt_backend:TensorRTBackend",
+        "GPU only: pip install 'mammonode[gpu]' --extra-index-url https://pypi.nvidia.com, "
+        "or NVIDIA's TensorRT container (see README)",
+        probe="inference.backends.cuda_runtime:gpu_unavailable_reason",  # "no CUDA GPU"
+    ),
 }
 
 
@@ -47,7 +67,11 @@ def _unavailable_reason(spec: _Spec) -> str | None:
         return NOT_IMPLEMENTED
     for package in spec.requires:
         if not _package_installed(package):
-            return f"package {package} not installed"
+            return f"package {package} not installed" + (f" ({spec.install})" if spec.install else "")
+    if spec.probe is not None:
+        module_name, _, function = spec.probe.partition(":")
+        reason: str | None = getattr(importlib.import_module(module_name), function)()
+        return reason
     return None
 
 

@@ -78,7 +78,7 @@ def write_instance(
     path = root.joinpath(*rel.parts)
     try:
         _make_dirs_durably(root, path.parent)
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data, mode=0o600)  # patient data
         fsync_dir(path.parent)
     except OSError as exc:
         if exc.errno in _DISK_FULL:

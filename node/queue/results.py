@@ -45,7 +45,7 @@ def write_outbox_file(outbox_dir: Path, study_uid: str, ds: Dataset) -> str:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     path = folder / f"{sop_uid}.dcm"
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), mode=0o600)  # patient data
     fsync_dir(folder)
     return f"{study_uid}/{sop_uid}.dcm"
 

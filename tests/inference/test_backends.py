@@ -13,27 +13,12 @@ from inference.backends.base import Backend, BackendUnavailable
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch = pytest.importorskip("torch")
-    from inference.manifest import ModelManifest
-    from inference.model import build_model
-    from inference.model_io import save_model
-    from inference.types import PreprocessConfig
+    pytest.importorskip("torch")
+    from model_factory import save_calibrated_model
 
-    torch.manual_seed(0)
-    model = build_model("cancernet", in_chans=1)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.rand(4, 1, 64, 32))
-    manifest = ModelManifest(
-        name="t",
-        version="1",
-        architecture="cancernet",
-        preprocess=PreprocessConfig(input_height=64, input_width=32),
+    return save_calibrated_model(
+        tmp_path_factory.mktemp("model"), architecture="cancernet", grid=(64, 32), seed=0, name="t"
     )
-    path = tmp_path_factory.mktemp("model")
-    save_model(model.eval(), manifest, path)
-    return path
 
 
 def test_torch_backend_chunks_and_matches_the_model(model_dir: Path) -> None:
@@ -73,25 +58,36 @@ def test_torch_backend_rejects_bad_batches(model_dir: Path, bad: np.ndarray) -> 
 def test_registry_lists_every_backend_with_a_reason() -> None:
     available = registry.available_backends()
     assert set(available) >= {"torch", "onnxruntime", "tensorrt"}
-    assert available["onnxruntime"] == "not implemented yet"
-    assert available["tensorrt"] == "not implemented yet"
+    assert available["onnxruntime"] is None  # a base-install dependency
 
 
-def test_registry_reports_a_missing_package(monkeypatch: pytest.MonkeyPatch, model_dir: Path) -> None:
-    monkeypatch.setattr(registry, "_package_installed", lambda name: name != "torch")
-    assert registry.available_backends()["torch"] == "package torch not installed"
-    with pytest.raises(BackendUnavailable, match="package torch not installed") as info:
-        registry.load_backend("torch", model_dir)
-    assert info.value.reason == "package torch not installed"
+@pytest.mark.parametrize(
+    ("backend", "package", "hint"),
+    [("torch", "torch", "mammonode[train]"), ("onnxruntime", "onnxruntime", "pip install onnxruntime")],
+)
+def test_registry_reports_a_missing_package_and_how_to_get_it(
+    monkeypatch: pytest.MonkeyPatch, model_dir: Path, backend: str, package: str, hint: str
+) -> None:
+    monkeypatch.setattr(registry, "_package_installed", lambda name: name != package)
+    reason = registry.available_backends()[backend]
+    assert reason is not None and reason.startswith(f"package {package} not installed") and hint in reason
+    with pytest.raises(BackendUnavailable, match=f"package {package} not installed") as info:
+        registry.load_backend(backend, model_dir)
+    assert info.value.reason == reason and info.value.backend == backend
 
 
-def test_registry_loads_torch_and_refuses_the_rest(model_dir: Path) -> None:
+def test_registry_loads_torch_and_refuses_unknown_backends(model_dir: Path) -> None:
     pytest.importorskip("torch")
     assert registry.available_backends()["torch"] is None
     backend = registry.load_backend("torch", model_dir)
     assert backend.name == "torch" and backend.manifest.name == "t"
-    for name in ("onnxruntime", "tensorrt"):
-        with pytest.raises(BackendUnavailable, match="not implemented yet"):
-            registry.load_backend(name, model_dir)
     with pytest.raises(BackendUnavailable, match="unknown backend"):
         registry.load_backend("openvino", model_dir)
+
+
+def test_registry_says_when_a_model_has_no_onnx_export(model_dir: Path) -> None:
+    with pytest.raises(
+        BackendUnavailable, match=r"model has no ONNX export: run `mammonode export onnx"
+    ) as info:
+        registry.load_backend("onnxruntime", model_dir)
+    assert info.value.backend == "onnxruntime"

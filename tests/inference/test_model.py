@@ -5,23 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
+from model_factory import calibrate_bn
 
 from inference.manifest import ARCHITECTURES
 from inference.model import MammoNet, build_model
 from inference.types import InputError
-
-
-def calibrate_bn(model: MammoNet, shape: tuple[int, ...], steps: int = 3) -> MammoNet:
-    """Give BatchNorm real running statistics; a fresh model outputs ~1e-20 and proves nothing."""
-    torch.manual_seed(0)
-    model.train()
-    with torch.no_grad():
-        for _ in range(steps):
-            model(torch.rand(*shape))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -122,34 +112,6 @@ def test_pretrained_backbone_from_a_local_file_only(tmp_path: Path) -> None:
     torch.testing.assert_close(backbone.conv_head.weight, rgb.conv_head.weight)
     with pytest.raises(InputError, match="not found"):
         build_model("efficientnet_b0", pretrained_file=tmp_path / "missing.pth")
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter is the one we want
-def test_onnx_export_matches_torch(effnet: MammoNet, tmp_path: Path) -> None:
-    """Opset 17, two named outputs, dynamic batch; ONNX Runtime agrees with torch on both."""
-    import onnxruntime as ort
-
-    path = tmp_path / "model.onnx"
-    torch.onnx.export(
-        effnet,
-        (torch.rand(2, 1, 128, 64),),
-        str(path),
-        input_names=["image"],
-        output_names=["logit", "cam"],
-        dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}, "cam": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["logit", "cam"]
-    torch.manual_seed(8)
-    x = torch.rand(3, 1, 128, 64)  # a batch size the export never saw
-    with torch.no_grad():
-        logit, cam = effnet(x)
-    ort_logit, ort_cam = session.run(["logit", "cam"], {"image": x.numpy()})
-    assert ort_logit.shape == (3,) and ort_cam.shape == (3, 4, 2)
-    np.testing.assert_allclose(ort_logit, logit.numpy(), atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(ort_cam, cam.numpy(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
