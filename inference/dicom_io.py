@@ -534,13 +534,23 @@ def _modality_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray:
             return np.asarray(apply_modality_lut(arr, ds))
         except Exception as exc:
             raise InputError(f"invalid Modality LUT Sequence: {_brief(exc)}") from exc
+    slope, intercept = rescale_parameters(ds)
+    if slope == 1.0 and intercept == 0.0:
+        return arr
+    return (arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+
+
+def rescale_parameters(ds: Dataset) -> tuple[float, float]:
+    """RescaleSlope and RescaleIntercept (1 and 0 when absent); InputError when unusable.
+
+    Also read by the GPU path (:mod:`inference.preprocessing_dali`), which folds them into the
+    window it applies on the device, so both paths refuse the same values.
+    """
     slope = _optional_float(ds, "RescaleSlope", 1.0)
     intercept = _optional_float(ds, "RescaleIntercept", 0.0)
     if slope == 0.0:
         raise InputError("invalid RescaleSlope 0")
-    if slope == 1.0 and intercept == 0.0:
-        return arr
-    return (arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+    return slope, intercept
 
 
 def _optional_float(ds: Dataset, keyword: str, default: float) -> float:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -23,10 +24,21 @@ from inference.dicom_io import decode_pixels
 from inference.manifest import algorithm_info
 from inference.overlay import render_cam_overlay
 from inference.preprocessing import preprocess_array
-from inference.types import ImageMeta, ImageScore, InputError, PreprocessedImage, StudyScore
+from inference.types import (
+    ImageMeta,
+    ImageScore,
+    InputError,
+    PreprocessConfig,
+    PreprocessedImage,
+    StudyScore,
+)
 from inference.voi import apply_voi
 from inference.writers.sc import build_cam_sc, cam_sc_uids
 from inference.writers.sr import build_score_sr, sr_uids
+
+if TYPE_CHECKING:
+    from inference.backends.cuda_runtime import CudaArray
+    from inference.preprocessing_dali import DaliPreprocessor
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +69,26 @@ class StudyOutputs:
     report: Dataset
 
 
+@dataclass
+class PreparedAndScored:
+    """:meth:`Pipeline.prepare_and_infer`'s result: ``prepared[i]`` was scored as ``scores[i]``, in
+    input order; ``failures`` are (input index, why) for the images that cannot be scored."""
+
+    prepared: list[PreparedImage] = field(default_factory=list)
+    scores: list[ImageScore] = field(default_factory=list)
+    failures: list[tuple[int, InputError]] = field(default_factory=list)
+
+
+def prepare_image(dataset: Dataset, meta: ImageMeta, config: PreprocessConfig) -> PreparedImage:
+    """Decode, window and preprocess one image (:meth:`Pipeline.prepare`). A plain function of
+    picklable arguments, so the decode workers of :mod:`inference.batching` can run it in other
+    processes; raises InputError when the image cannot be scored."""
+    windowed = apply_voi(decode_pixels(dataset), dataset, fallback=config.fallback_window)
+    model_input = preprocess_array(windowed, meta, config)
+    display = windowed if windowed.ndim == 2 else model_input.pixels
+    return PreparedImage(dataset, np.asarray(display, dtype=np.float32), model_input)
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return np.asarray(1.0 / (1.0 + np.exp(-x.astype(np.float64))))
 
@@ -64,8 +96,16 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 class Pipeline:
     """Scores images with one backend; holds no state between calls other than configuration."""
 
-    def __init__(self, backend: Backend, *, aggregation: str | None = None, batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        aggregation: str | None = None,
+        batch_size: int = 8,
+        dali: DaliPreprocessor | None = None,
+    ) -> None:
         self.backend = backend
+        self.dali = dali  # optional DALI preprocessing, used by prepare_and_infer
         self.manifest = backend.manifest
         self.aggregation = aggregation or self.manifest.aggregation
         if self.aggregation not in AGGREGATIONS:
@@ -77,11 +117,7 @@ class Pipeline:
 
     def prepare(self, dataset: Dataset, meta: ImageMeta) -> PreparedImage:
         """Decode and preprocess one image; raises InputError when it cannot be scored."""
-        config = self.manifest.preprocess
-        windowed = apply_voi(decode_pixels(dataset), dataset, fallback=config.fallback_window)
-        model_input = preprocess_array(windowed, meta, config)
-        display = windowed if windowed.ndim == 2 else model_input.pixels
-        return PreparedImage(dataset, np.asarray(display, dtype=np.float32), model_input)
+        return prepare_image(dataset, meta, self.manifest.preprocess)
 
     def infer(self, images: Sequence[PreparedImage]) -> list[ImageScore]:
         """One backend pass per batch; each image gets its logit, probability and CAM."""
@@ -89,19 +125,68 @@ class Pipeline:
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             batch = np.stack([p.model_input.pixels[None] for p in chunk]).astype(np.float32)
-            logits, cams = self.backend.infer(batch)
-            probs = _sigmoid(logits)
-            for p, logit, prob, cam in zip(chunk, logits, probs, cams, strict=True):
-                scores.append(
-                    ImageScore(
-                        meta=p.meta,
-                        logit=float(logit),
-                        probability=float(prob),
-                        cam=np.asarray(cam, dtype=np.float32),
-                        transform=p.model_input.transform,
-                    )
-                )
+            scores.extend(_image_scores(chunk, *self.backend.infer(batch)))
         return scores
+
+    def prepare_and_infer(self, items: Sequence[tuple[Dataset, ImageMeta]]) -> PreparedAndScored:
+        """Prepare and score many images, with DALI when the pipeline has it, else as
+        :meth:`prepare` + :meth:`infer` do.
+
+        With DALI each chunk of its batch size is preprocessed in one DALI run and scored at once:
+        on a GPU the batch goes to the backend in device memory (``infer_device``, which the
+        torch and tensorrt backends have), and only after the backend has run is the small model
+        input copied to the host for the :class:`PreparedImage` record. The images DALI does not
+        take go through :meth:`prepare` and :meth:`infer` as before. Either way the result is
+        the same kind of :class:`PreparedImage` and :class:`ImageScore`.
+        """
+        done: dict[int, tuple[PreparedImage, ImageScore]] = {}
+        failures: list[tuple[int, InputError]] = []
+        cpu = list(range(len(items))) if self.dali is None else []
+        if self.dali is not None:
+            for start in range(0, len(items), self.dali.batch_size):
+                chunk = items[start : start + self.dali.batch_size]
+                result = self.dali.prepare([ds for ds, _ in chunk], [meta for _, meta in chunk])
+                failures.extend((start + i, exc) for i, exc in result.errors)
+                cpu.extend(start + i for i, _ in result.fallbacks)
+                if not result.rows:
+                    continue
+                logits, cams = self._infer_any(result.batch)
+                grids = result.batch if isinstance(result.batch, np.ndarray) else result.batch.to_host()
+                prepared = [
+                    PreparedImage(
+                        chunk[row.index][0],
+                        row.display,
+                        PreprocessedImage(grids[k, 0], row.transform, row.meta),
+                    )
+                    for k, row in enumerate(result.rows)
+                ]
+                for row, image, score in zip(
+                    result.rows, prepared, _image_scores(prepared, logits, cams), strict=True
+                ):
+                    done[start + row.index] = (image, score)
+        ready: list[tuple[int, PreparedImage]] = []
+        for index in sorted(cpu):
+            try:
+                ready.append((index, self.prepare(*items[index])))
+            except InputError as exc:
+                failures.append((index, exc))
+        for (index, image), score in zip(ready, self.infer([p for _, p in ready]), strict=True):
+            done[index] = (image, score)
+        order = sorted(done)
+        return PreparedAndScored(
+            [done[i][0] for i in order], [done[i][1] for i in order], sorted(failures, key=lambda f: f[0])
+        )
+
+    def _infer_any(self, batch: np.ndarray | CudaArray) -> tuple[np.ndarray, np.ndarray]:
+        """A host batch to ``infer``; a device batch to ``infer_device`` (copied to the host only
+        for a backend that cannot read device memory)."""
+        if isinstance(batch, np.ndarray):
+            return self.backend.infer(batch)
+        infer_device = getattr(self.backend, "infer_device", None)
+        if infer_device is not None:
+            logits, cams = infer_device(batch)
+            return np.asarray(logits), np.asarray(cams)
+        return self.backend.infer(batch.to_host())
 
     def score(self, images: Sequence[PreparedImage]) -> list[StudyScore]:
         """Image, breast and exam scores for every study among ``images``."""
@@ -169,6 +254,20 @@ class Pipeline:
             aggregation=self.aggregation,
         )
         return StudyOutputs(study, captures, overlays, report)
+
+
+def _image_scores(images: Sequence[PreparedImage], logits: np.ndarray, cams: np.ndarray) -> list[ImageScore]:
+    """One ImageScore per image from a backend pass (logit, probability, CAM, geometry)."""
+    return [
+        ImageScore(
+            meta=p.meta,
+            logit=float(logit),
+            probability=float(prob),
+            cam=np.asarray(cam, dtype=np.float32),
+            transform=p.model_input.transform,
+        )
+        for p, logit, prob, cam in zip(images, logits, _sigmoid(logits), cams, strict=True)
+    ]
 
 
 def group_by_study(images: Iterable[PreparedImage]) -> dict[tuple[str, str], list[PreparedImage]]:

@@ -77,36 +77,52 @@ def preprocess_array(pixels01: np.ndarray, meta: ImageMeta, config: PreprocessCo
     ``pixels01`` must already show dense tissue bright (MONOCHROME1 inverted); it is min-max
     normalised here, so its exact range does not matter. RGB input is converted to grey.
     """
+    image = normalised_grey(pixels01)
+    transform = plan_transform(image, meta, config)
+    interpolation = cv2.INTER_AREA if transform.scale < 1.0 else cv2.INTER_LINEAR
+    grid = original_to_grid(image, transform, interpolation=interpolation)
+    np.clip(grid, 0.0, 1.0, out=grid)
+    logger.debug(
+        "preprocessed %s: crop=%s flipped=%s scale=%.4f",
+        meta.sop_instance_uid,
+        transform.crop_box,
+        transform.flipped,
+        transform.scale,
+    )
+    return PreprocessedImage(pixels=grid, transform=transform, meta=meta)
+
+
+def normalised_grey(pixels01: np.ndarray) -> np.ndarray:
+    """The windowed image as float32 grey, min-max normalised to [0, 1] (seed 003).
+
+    Raises InputError for a uniform, non-finite or non-2-D image.
+    """
+    return _normalise(_as_grey(pixels01))
+
+
+def plan_transform(image: np.ndarray, meta: ImageMeta, config: PreprocessConfig) -> GeometricTransform:
+    """Decide the geometry for a :func:`normalised_grey` image: breast crop, orientation flip,
+    aspect-preserving scale onto the model grid, and the padding that keeps the chest wall on
+    the grid edge. Shared by this module and the DALI path (:mod:`inference.preprocessing_dali`),
+    which applies the same transform on the GPU.
+    """
     if config.input_height < 1 or config.input_width < 1:
         raise ValueError(f"invalid model grid {config.input_height}x{config.input_width}")
-    image = _normalise(_as_grey(pixels01))
     region = find_breast(image, config)
-    flipped = _needs_flip(region, meta.laterality, config)
     y0, y1, x0, x1 = region.crop_box
     grid_h, grid_w = config.input_height, config.input_width
-    scale = min(grid_h / (y1 - y0), grid_w / (x1 - x0))
     transform = GeometricTransform(
         original_shape=(image.shape[0], image.shape[1]),
         crop_box=region.crop_box,
-        flipped=flipped,
-        scale=scale,
+        flipped=_needs_flip(region, meta.laterality, config),
+        scale=min(grid_h / (y1 - y0), grid_w / (x1 - x0)),
         pad_top=0,
         pad_left=0,
         input_shape=(grid_h, grid_w),
     )
     if config.chest_wall_side == "right":  # keep the chest wall on the grid edge
         transform = replace(transform, pad_left=grid_w - transform.resized_shape[1])
-    interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
-    grid = original_to_grid(image, transform, interpolation=interpolation)
-    np.clip(grid, 0.0, 1.0, out=grid)
-    logger.debug(
-        "preprocessed %s: crop=%s flipped=%s scale=%.4f",
-        meta.sop_instance_uid,
-        region.crop_box,
-        flipped,
-        scale,
-    )
-    return PreprocessedImage(pixels=grid, transform=transform, meta=meta)
+    return transform
 
 
 def find_breast(image: np.ndarray, config: PreprocessConfig) -> BreastRegion:
