@@ -27,6 +27,37 @@ def test_bundled_model_manifest_is_honest_about_its_training_data() -> None:
     assert manifest.metrics["test"]["measured_on"], "every metric names the data it was measured on"
 
 
+def test_bundled_model_meets_its_targets_on_the_recorded_test_set() -> None:
+    """The figures `mammonode evaluate --record test` stored: issue 2's bar for the demo model,
+    and the model card quotes the same numbers."""
+    model_dir = bundled_model_dir()
+    test = load_manifest(model_dir).metrics["test"]
+    assert (
+        test["measured_on"]["images"] > 500
+        and test["model"]["weights_sha256"] == load_manifest(model_dir).weights_sha256
+    )
+    assert test["breast"]["roc_auc"] >= 0.95
+    assert test["cam"]["pointing_game"] >= 0.8 and test["cam"]["n_images"] > 100
+    card = (model_dir / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert f"pointing game {test['cam']['pointing_game']:.3f}" in card
+    assert f"| breast (`pagg`) | {test['breast']['roc_auc']:.4f}" in card
+
+
+def test_bundled_onnx_graph_ships_and_agrees_with_the_weights() -> None:
+    from inference.backends.parity import compare_outputs
+    from inference.backends.registry import load_backend
+    from training.export import parity_inputs
+
+    model_dir = bundled_model_dir()
+    manifest = load_manifest(model_dir)
+    assert manifest.onnx_file == "model.onnx"
+    x = parity_inputs(manifest, count=2)
+    report = compare_outputs(
+        TorchBackend(model_dir).infer(x), load_backend("onnxruntime", model_dir).infer(x)
+    )
+    assert report.ok, report
+
+
 @pytest.mark.slow
 def test_malignant_synthetic_study_scores_higher_than_benign(tmp_path: Path) -> None:
     backend = TorchBackend(bundled_model_dir())
