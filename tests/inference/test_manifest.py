@@ -13,6 +13,7 @@ from inference.manifest import (
     algorithm_info,
     file_sha256,
     load_manifest,
+    read_verified,
     save_manifest,
     verify_weights,
 )
@@ -115,6 +116,19 @@ def test_verify_weights(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(InputError, match="missing"):
         verify_weights(tmp_path, good)
+
+
+def test_read_verified_returns_the_bytes_it_hashed_or_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"graph")
+    sha = hashlib.sha256(b"graph").hexdigest()
+    assert read_verified(path, sha, what="ONNX graph") == b"graph"
+    with pytest.raises(InputError, match=r"ONNX graph .* has SHA-256 .*export it again"):
+        read_verified(path, "0" * 64, what="ONNX graph")
+    with pytest.raises(InputError, match="no SHA-256"):
+        read_verified(path, None, what="ONNX graph")
+    with pytest.raises(InputError, match="cannot read"):
+        read_verified(tmp_path / "missing.onnx", sha, what="ONNX graph")
 
 
 def test_algorithm_info_carries_the_research_notice_for_synthetic_models() -> None:
