@@ -62,8 +62,8 @@ def score(
         typer.Option("--model", help="Model folder (model.json + weights); default: bundled demo."),
     ] = None,
     backend: Annotated[
-        str, typer.Option(help="Inference backend: torch, onnxruntime or tensorrt.")
-    ] = "torch",
+        str, typer.Option(help="Inference backend: auto, torch, onnxruntime or tensorrt.")
+    ] = "auto",
     aggregation: Annotated[
         str | None, typer.Option(help="Per-breast aggregation: pagg, mean or max (default: the model's).")
     ] = None,

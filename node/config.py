@@ -114,7 +114,8 @@ class NodeConfig:
     unknown_sop_classes: str = "ignore"
     """``ignore``: accept other storage SOP classes, store nothing and audit; ``reject``: refuse."""
     destinations: tuple[Destination, ...] = ()
-    backend: str = "torch"
+    backend: str = "auto"
+    """torch, onnxruntime, tensorrt, or auto: onnxruntime when the model ships ONNX, else torch."""
     model_dir: Path | None = None
     """None: the promoted model in the database, else the bundled demo model."""
     batch_size: int = 8

@@ -68,27 +68,76 @@ def collect_files(paths: list[Path], *, out: Path | None = None) -> tuple[list[P
     return files, missing
 
 
-def prepare_files(pipeline: Pipeline, files: list[Path]) -> tuple[list[PreparedImage], list[tuple[str, str]]]:
-    """Read, check and preprocess each file; anything unusable becomes a (path, reason) pair."""
-    prepared: list[PreparedImage] = []
-    skipped: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for path in files:
+def read_mammogram(path: Path) -> tuple[Dataset, ImageMeta]:
+    """Read one input file and check that it is a mammogram; runs in the decode workers."""
+    ds = read_dataset(path)
+    meta = read_meta(ds)
+    ok, reason = is_mammogram(ds, meta)
+    if not ok:
+        raise InputError(f"not a mammogram ({reason})")
+    return ds, meta
+
+
+def study_order(files: list[Path]) -> tuple[list[Path], dict[Path, object]]:
+    """The files grouped by study (studies in order of first appearance, files in their order) and
+    each file's study key, from a header-only read.
+
+    Scoring in this order lets a study be finished, written and let go as soon as its last image is
+    scored, so memory holds about one study whatever the number of files. A file whose header
+    cannot be read keeps its place under a key of its own; the full read then reports why.
+    """
+    keys: dict[Path, object] = {}
+    for index, path in enumerate(files):
         try:
-            ds = read_dataset(path)
-            meta = read_meta(ds)
-            ok, reason = is_mammogram(ds, meta)
-            if not ok:
-                raise InputError(f"not a mammogram ({reason})")
-            if meta.sop_instance_uid in seen:
-                raise InputError(f"duplicate SOP Instance UID {meta.sop_instance_uid}")
-            prepared.append(pipeline.prepare(ds, meta))
-            seen.add(meta.sop_instance_uid)
-        except InputError as exc:
-            skipped.append((str(path), str(exc)))
-    return prepared, skipped
+            meta = read_meta(read_dataset(path, stop_before_pixels=True))
+            keys[path] = (meta.patient_id, meta.study_instance_uid)
+        except InputError:
+            keys[path] = ("unreadable", index)
+        first: dict[object, int] = {}
+    for index, path in enumerate(files):
+        first.setdefault(keys[path], index)
+    ordered = sorted(files, key=lambda p: first[keys[p]])  # stable: file order within a study
+    return ordered, keys
 
 
+def score_files(
+    pipeline: Pipeline, files: list[Path], out: Path, *, pool: DecodePool, png: bool = True
+) -> ScoreRun:
+    """Score ``files`` into ``out`` (SC, SR and, with ``png``, PNG files) and return what was done.
+
+    Decoding runs in ``pool`` ahead of the backend (:func:`inference.batching.score_stream`), and
+    each study is aggregated, rendered and written as soon as its last file has been handled, so
+    the whole run holds the pool's window plus about one study in memory. Unusable files become
+    (path, reason) entries of ``skipped``, in file order.
+    """
+    ordered, keys = study_order(files)
+    remaining = Counter(keys[p] for p in ordered)
+    images: dict[object, list[PreparedImage]] = defaultdict(list)
+    run = ScoreRun(written={"sc": [], "sr": [], "png": []})
+    failed: dict[Path, str] = {}
+    seen: set[str] = set()
+
+    def accept(meta: ImageMeta) -> None:
+        if meta.sop_instance_uid in seen:
+            raise InputError(f"duplicate SOP Instance UID {meta.sop_instance_uid}")
+        seen.add(meta.sop_instance_uid)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for item in score_stream(pipeline, ordered, read_mammogram, pool=pool, accept=accept):
+        key = keys[item.source]
+        if item.error is not None:
+            if not isinstance(item.error, InputError):
+                raise item.error
+            failed[item.source] = str(item.error)
+        else:
+            assert item.prepared is not None and item.score is not None
+            images[key].append(item.prepared)
+            item.prepared.score = item.score
+        remaining[key] -= 1
+        if remaining[key] == 0 and key in images:
+            _finish_study(pipeline, images.pop(key), out, run, png=png)
+    run.skipped = [(str(p), failed[p]) for p in files if p in failed]
+    return run
 def write_outputs(result: StudyOutputs, out: Path) -> dict[str, list[str]]:
     """Write SC, SR and PNG files of one study under ``out``; returns the paths written."""
     written: dict[str, list[str]] = {"sc": [], "sr": [], "png": []}
@@ -184,7 +233,7 @@ def run_score(
     *,
     out: Path,
     model_dir: Path | None,
-    backend: str = "torch",
+    backend: str = "auto",
     aggregation: str | None = None,
     json_output: bool = False,
 ) -> int:

@@ -76,6 +76,9 @@ class Node:
         from node.dicom.scp import start_scp
 
         config = self.config
+        # pynetdicom narrates every association at INFO and dumps datasets (names, IDs) at DEBUG:
+        # application logs carry no PHI, so its messages start at WARNING here.
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         for folder in (config.data_dir, config.spool_dir, config.outbox_dir):
             folder.mkdir(parents=True, exist_ok=True)
         url = config.resolved_database_url
@@ -136,7 +139,9 @@ class Node:
         """Stop receiving, let the loops finish their round, record the stop, close the database."""
         if self._server is None:
             return
-        self._server.shutdown()
+        from node.dicom.scp import stop_scp
+
+        stop_scp(self._server)  # also lets association handlers finish before the engine goes
         self._server = None
         self._stop.set()
         for thread in self._threads:

@@ -80,14 +80,30 @@ def available_backends() -> dict[str, str | None]:
     return {name: _unavailable_reason(spec) for name, spec in _BACKENDS.items()}
 
 
+AUTO = "auto"
+
+
+def resolve_auto(model_dir: Path) -> str:
+    """What ``auto`` means for a model folder: ONNX Runtime when the model ships an ONNX export
+    and onnxruntime is installed (faster on CPU, and the only choice without torch), else torch."""
+    from inference.manifest import load_manifest
+
+    manifest = load_manifest(model_dir)
+    if manifest.onnx_file is not None and _unavailable_reason(_BACKENDS["onnxruntime"]) is None:
+        return "onnxruntime"
+    return "torch"
+
+
 def load_backend(name: str, model_dir: Path, *, device: str = "cpu") -> Backend:
-    """Load the model in ``model_dir`` with backend ``name``.
+    """Load the model in ``model_dir`` with backend ``name`` (or ``auto``, see :func:`resolve_auto`).
 
     Raises :class:`BackendUnavailable` if the backend is unknown or cannot run here.
     """
+    if name == AUTO:
+        name = resolve_auto(model_dir)
     spec = _BACKENDS.get(name)
     if spec is None:
-        raise BackendUnavailable(f"unknown backend; known: {', '.join(_BACKENDS)}", backend=name)
+        raise BackendUnavailable(f"unknown backend; known: {AUTO}, {', '.join(_BACKENDS)}", backend=name)
     reason = _unavailable_reason(spec)
     if reason is not None or spec.target is None:
         raise BackendUnavailable(reason or NOT_IMPLEMENTED, backend=name)

@@ -46,7 +46,7 @@ def select_model_dir(config: NodeConfig, session: Session) -> Path:
 
 
 def pipeline_factory(config: NodeConfig) -> PipelineFactory:
-    """The default factory: ``config.backend`` (torch, onnxruntime, tensorrt) on the model folder."""
+    """The default factory: ``config.backend`` (auto, torch, onnxruntime, tensorrt) on the model folder."""
 
     def build(model_dir: Path) -> Pipeline:
         from inference.backends.registry import load_backend

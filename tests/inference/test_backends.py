@@ -91,3 +91,23 @@ def test_registry_says_when_a_model_has_no_onnx_export(model_dir: Path) -> None:
     ) as info:
         registry.load_backend("onnxruntime", model_dir)
     assert info.value.backend == "onnxruntime"
+
+
+def test_auto_picks_onnxruntime_when_the_model_ships_onnx_else_torch(tmp_path: Path) -> None:
+    import dataclasses
+    import shutil
+
+    from inference.backends.registry import resolve_auto
+    from inference.bundled import bundled_model_dir
+    from inference.manifest import load_manifest, save_manifest
+
+    bundled = bundled_model_dir()
+    assert resolve_auto(bundled) == "onnxruntime"
+    assert registry.load_backend("auto", bundled).name == "onnxruntime"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    manifest = load_manifest(bundled)
+    shutil.copy(bundled / manifest.weights_file, plain / manifest.weights_file)
+    save_manifest(dataclasses.replace(manifest, onnx_file=None, onnx_sha256=None), plain)
+    assert resolve_auto(plain) == "torch"
+    assert registry.load_backend("auto", plain).name == "torch"
