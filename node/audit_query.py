@@ -231,8 +231,10 @@ def format_events(events: Sequence[AuditEvent], *, with_study: bool = True) -> l
     lines = []
     for e in events:
         who = []
-        if e.calling_ae or e.peer:
-            who.append(f"{e.calling_ae or '?'}@{e.peer or '?'}")
+        if e.calling_ae:
+            who.append(f"{e.calling_ae}@{e.peer or '?'}")
+        elif e.peer:  # the sender's events name the destination (AE@HOST:PORT) as the peer
+            who.append(f"to {e.peer}")
         if with_study and e.study_uid:
             who.append(f"study {e.study_uid}")
         if e.patient_id and with_study:
