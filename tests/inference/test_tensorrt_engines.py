@@ -143,10 +143,10 @@ def test_registry_asks_cuda_when_tensorrt_is_there(monkeypatch: pytest.MonkeyPat
 
 
 def test_gpu_probe_answers_in_one_line() -> None:
-    from conftest import _has_cuda
+    import torch
 
     reason = gpu_unavailable_reason(0)
-    if _has_cuda():
+    if torch.cuda.is_available():
         assert reason is None
         assert "no CUDA GPU 1000" in str(gpu_unavailable_reason(1000))
     else:

@@ -78,7 +78,7 @@ def test_write_is_durable_and_a_resend_replaces_the_file(
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
 def test_disk_full_is_a_named_error(code: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def full(path: Path, data: bytes) -> None:
+    def full(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         raise OSError(code, "full")
 
     monkeypatch.setattr(spool, "atomic_write_bytes", full)
@@ -87,7 +87,7 @@ def test_disk_full_is_a_named_error(code: int, tmp_path: Path, monkeypatch: pyte
 
 
 def test_other_os_errors_propagate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(path: Path, data: bytes) -> None:
+    def broken(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         raise OSError(errno.EIO, "I/O error")
 
     monkeypatch.setattr(spool, "atomic_write_bytes", broken)
@@ -161,3 +161,11 @@ def test_status_helpers() -> None:
     assert is_transient_failure(peer_code) and is_transient_failure(DimseStatus.PROCESSING_FAILURE)
     assert not is_transient_failure(DimseStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS)
     assert not is_transient_failure(DimseStatus.INVALID_UID)
+
+
+def test_spooled_files_are_private_to_the_service_account(tmp_path: Path) -> None:
+    """Patient data: the spool file is readable by the node's user only."""
+    from node.dicom.spool import write_instance
+
+    rel = write_instance(tmp_path, "1.2.3", "1.2.3.4", "1.2.3.4.5", b"DICM")
+    assert ((tmp_path / rel).stat().st_mode & 0o777) == 0o600

@@ -163,7 +163,7 @@ def test_disk_full_is_out_of_resources_and_records_nothing(
 ) -> None:
     node = node_scp()
 
-    def full(path: Path, data: bytes) -> None:
+    def full(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(spool, "atomic_write_bytes", full)
