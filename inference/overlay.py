@@ -202,6 +202,22 @@ def _draw_lines(canvas: np.ndarray, lines: Sequence[str], top: int, layout: Over
         y += layout.line_height
 
 
+def _sanitised(arr: np.ndarray, *, high: float, posinf: float) -> np.ndarray:
+    """``arr`` as float32 clipped to [0, ``high``], NaN and -inf as 0 and +inf as ``posinf``.
+
+    The array itself (no copy) when it already is: the usual case, a windowed source in [0, 1] or
+    a CAM map >= 0, where the full-size copies the general path makes cost about 50 ms per
+    mammogram. Two reductions decide it (a NaN makes both NaN and fails the test), and nothing
+    downstream writes into the array, so the picture is the same either way, bit for bit.
+    """
+    values = np.asarray(arr, dtype=np.float32)
+    low, top = float(values.min()), float(values.max())
+    if low >= 0.0 and top <= high and top < np.inf:
+        return values
+    clean = np.nan_to_num(values, nan=0.0, posinf=posinf, neginf=0.0)
+    return np.clip(clean, 0.0, high) if high < np.inf else np.maximum(clean, 0.0)
+
+
 def render_cam_overlay(
     image01: np.ndarray,
     cam_map: np.ndarray,
@@ -233,10 +249,8 @@ def render_cam_overlay(
     )
     h, w = layout.image_shape
 
-    img: np.ndarray = np.nan_to_num(image.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-    img = np.clip(img, 0.0, 1.0)
-    heat: np.ndarray = np.nan_to_num(cam.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    heat = np.maximum(heat, 0.0)
+    img = _sanitised(image, high=1.0, posinf=1.0)
+    heat = _sanitised(cam, high=np.inf, posinf=0.0)
     if (h, w) != image.shape:
         # Area averaging is the right filter for downscaling both: it neither aliases fine
         # calcification-scale structure nor invents activation outside the map's support.

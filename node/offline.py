@@ -6,20 +6,25 @@ exit status is non-zero when anything was skipped. Output files are named by val
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import typer
+from pydicom.dataset import Dataset
 
+from inference.aggregation import aggregate_studies
 from inference.backends.registry import load_backend
+from inference.batching import DecodePool, score_stream
 from inference.bundled import resolve_model_dir
 from inference.dicom_io import is_mammogram, read_dataset, read_meta
 from inference.jsonsafe import dumps
 from inference.overlay import save_png
-from inference.pipeline import Pipeline, PreparedImage, StudyOutputs, group_by_study
-from inference.types import InputError
+from inference.pipeline import Pipeline, PreparedImage, StudyOutputs
+from inference.types import ImageMeta, ImageScore, InputError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +98,7 @@ def study_order(files: list[Path]) -> tuple[list[Path], dict[Path, object]]:
             keys[path] = (meta.patient_id, meta.study_instance_uid)
         except InputError:
             keys[path] = ("unreadable", index)
-        first: dict[object, int] = {}
+    first: dict[object, int] = {}
     for index, path in enumerate(files):
         first.setdefault(keys[path], index)
     ordered = sorted(files, key=lambda p: first[keys[p]])  # stable: file order within a study
@@ -107,12 +112,14 @@ def score_files(
 
     Decoding runs in ``pool`` ahead of the backend (:func:`inference.batching.score_stream`), and
     each study is aggregated, rendered and written as soon as its last file has been handled, so
-    the whole run holds the pool's window plus about one study in memory. Unusable files become
-    (path, reason) entries of ``skipped``, in file order.
+    the whole run holds the pool's window plus about one study in memory. Backend batches hold
+    one study each (several breasts and views, never two studies), so a study's results are the
+    same whatever else the run holds. Unusable files become (path, reason) entries of
+    ``skipped``, in file order.
     """
     ordered, keys = study_order(files)
     remaining = Counter(keys[p] for p in ordered)
-    images: dict[object, list[PreparedImage]] = defaultdict(list)
+    images: dict[object, list[tuple[PreparedImage, ImageScore]]] = defaultdict(list)
     run = ScoreRun(written={"sc": [], "sr": [], "png": []})
     failed: dict[Path, str] = {}
     seen: set[str] = set()
@@ -123,7 +130,8 @@ def score_files(
         seen.add(meta.sop_instance_uid)
 
     out.mkdir(parents=True, exist_ok=True)
-    for item in score_stream(pipeline, ordered, read_mammogram, pool=pool, accept=accept):
+    stream = score_stream(pipeline, ordered, read_mammogram, pool=pool, accept=accept, group=keys.__getitem__)
+    for item in stream:
         key = keys[item.source]
         if item.error is not None:
             if not isinstance(item.error, InputError):
@@ -131,24 +139,49 @@ def score_files(
             failed[item.source] = str(item.error)
         else:
             assert item.prepared is not None and item.score is not None
-            images[key].append(item.prepared)
-            item.prepared.score = item.score
+            images[key].append((item.prepared, item.score))
         remaining[key] -= 1
         if remaining[key] == 0 and key in images:
             _finish_study(pipeline, images.pop(key), out, run, png=png)
     run.skipped = [(str(p), failed[p]) for p in files if p in failed]
     return run
-def write_outputs(result: StudyOutputs, out: Path) -> dict[str, list[str]]:
-    """Write SC, SR and PNG files of one study under ``out``; returns the paths written."""
+
+
+def _finish_study(
+    pipeline: Pipeline, scored: list[tuple[PreparedImage, ImageScore]], out: Path, run: ScoreRun, *, png: bool
+) -> None:
+    """Aggregate one study's scores, render its SCs and SR, write them (as :meth:`Pipeline.score`
+    and :meth:`Pipeline.outputs` do for the sequential path)."""
+    prepared = [p for p, _ in scored]
+    for study in aggregate_studies([s for _, s in scored], pipeline.aggregation, pipeline.manifest.threshold):
+        result = pipeline.outputs(study, prepared)
+        for key, values in write_outputs(result, out, png=png).items():
+            run.written[key].extend(values)
+        run.outputs.append(_written(result))
+
+
+def _written(result: StudyOutputs) -> StudyOutputs:
+    """What the summary still needs once the files are written: the scores and the UIDs, not the
+    pictures (about 10 MB per image), so a long run does not keep every study's pixels."""
+    captures = []
+    for sc in result.secondary_captures:
+        reference = Dataset()
+        reference.SOPInstanceUID = sc.SOPInstanceUID
+        captures.append(reference)
+    return StudyOutputs(result.score, captures, [], result.report)
+
+
+def write_outputs(result: StudyOutputs, out: Path, *, png: bool = True) -> dict[str, list[str]]:
+    """Write SC, SR and (with ``png``) PNG files of one study under ``out``; returns the paths."""
     written: dict[str, list[str]] = {"sc": [], "sr": [], "png": []}
-    for sub in written:
+    for sub in ("sc", "sr", "png") if png else ("sc", "sr"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     for image, sc, rgb in zip(result.score.images, result.secondary_captures, result.overlays, strict=True):
         sc_path = out / "sc" / f"{sc.SOPInstanceUID}.dcm"
         sc.save_as(sc_path, enforce_file_format=True)
-        png_path = save_png(rgb, out / "png" / f"{image.meta.sop_instance_uid}.png")
         written["sc"].append(str(sc_path))
-        written["png"].append(str(png_path))
+        if png:
+            written["png"].append(str(save_png(rgb, out / "png" / f"{image.meta.sop_instance_uid}.png")))
     sr_path = out / "sr" / f"{result.report.SOPInstanceUID}.dcm"
     result.report.save_as(sr_path, enforce_file_format=True)
     written["sr"].append(str(sr_path))
@@ -236,22 +269,24 @@ def run_score(
     backend: str = "auto",
     aggregation: str | None = None,
     json_output: bool = False,
+    pool: DecodePool | None = None,
 ) -> int:
-    """Score ``paths`` into ``out``; returns the exit status (1 if anything was skipped)."""
+    """Score ``paths`` into ``out``; returns the exit status (1 if anything was skipped).
+
+    ``pool`` decodes ahead of the backend; by default a process pool of one worker per CPU when
+    there is more than one file (a spawned worker costs about a second, more than one small file
+    takes to decode).
+    """
     engine = load_backend(backend, resolve_model_dir(model_dir))
     pipeline = Pipeline(engine, aggregation=aggregation)
     files, missing = collect_files(paths, out=out)
-    prepared, skipped = prepare_files(pipeline, files)
-    run = ScoreRun(skipped=missing + skipped, written={"sc": [], "sr": [], "png": []})
+    with contextlib.ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(DecodePool("process" if len(files) > 1 else "serial"))
+        run = score_files(pipeline, files, out, pool=pool)
+    run.skipped = missing + run.skipped
     for line in run.skipped:
         typer.echo(f"skipped {line[0]}: {line[1]}", err=True)
-    out.mkdir(parents=True, exist_ok=True)
-    for images in group_by_study(prepared).values():
-        for study in pipeline.score(images):
-            result = pipeline.outputs(study, images)
-            run.outputs.append(result)
-            for key, values in write_outputs(result, out).items():
-                run.written[key].extend(values)
     report = summary(pipeline, run)
     (out / "summary.json").write_text(dumps(report))
     typer.echo(dumps(report) if json_output else format_table(run))

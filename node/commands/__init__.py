@@ -15,4 +15,5 @@ MODULES: tuple[str, ...] = (
     "queue",
     "model",
     "retrain",
+    "bench",
 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import os
 import socket
@@ -27,9 +28,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from inference.aggregation import aggregate_studies
+from inference.batching import DecodePool, shared_pool
 from inference.dicom_io import read_dataset, read_meta
-from inference.pipeline import Pipeline, PreparedImage
-from inference.types import ImageScore, InputError, StudyScore
+from inference.pipeline import Pipeline, PreparedImage, prepare_image
+from inference.types import ImageMeta, ImageScore, InputError, PreprocessConfig, StudyScore
 from node import audit
 from node.config import NodeConfig
 from node.db.models import Breast, Instance, Job, Score, Study, utcnow
@@ -42,6 +44,21 @@ log = logging.getLogger(__name__)
 
 ACTOR = "worker"
 MAX_ERROR_CHARS = 2000
+
+
+def read_spooled(source: tuple[Path, str], study_uid: str) -> tuple[Dataset, ImageMeta]:
+    """Read a spooled file (``(path, SOP Instance UID)``) and check it is the one its row names."""
+    path, sop_instance_uid = source
+    ds = read_dataset(path)
+    meta = read_meta(ds)
+    if meta.sop_instance_uid != sop_instance_uid or meta.study_instance_uid != study_uid:
+        raise InputError("spooled file does not match its database row")
+    return ds, meta
+
+
+def _read_and_prepare(source: tuple[Path, str], study_uid: str, config: PreprocessConfig) -> PreparedImage:
+    """The decode workers' task for one instance: :meth:`Pipeline.prepare` of the spooled file."""
+    return prepare_image(*read_spooled(source, study_uid), config)
 
 
 def claim_job(
@@ -100,7 +117,8 @@ class Worker:
 
     ``pipeline_factory`` builds a pipeline for a model folder; the default loads ``config.backend``.
     The model folder is chosen by :func:`node.queue.model.select_model_dir` before every round, so
-    a promotion takes effect for the next job without a restart.
+    a promotion takes effect for the next job without a restart. ``decode_pool`` decodes a job's
+    images in parallel (default: the process-wide pool of one worker process per CPU).
     """
 
     def __init__(
@@ -110,10 +128,12 @@ class Worker:
         pipeline_factory: PipelineFactory | None = None,
         *,
         name: str | None = None,
+        decode_pool: DecodePool | None = None,
     ) -> None:
         self.config = config
         self.sessions = sessions
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._pool = decode_pool or shared_pool()
         self._factory = pipeline_factory or default_pipeline_factory(config)
         self._pipeline: Pipeline | None = None
         self._model_dir: Path | None = None
@@ -199,22 +219,19 @@ class Worker:
                     .order_by(Instance.id)
                 )
             )
-            for instance in instances:
-                try:
-                    work.images.append(self._read(instance, study.study_uid, pipeline))
+            # Decoded in the pool's workers, several images at once (inference.batching).
+            sources = [(self.config.spool_dir / i.spool_path, i.sop_instance_uid) for i in instances]
+            task = functools.partial(
+                _read_and_prepare, study_uid=study.study_uid, config=pipeline.manifest.preprocess
+            )
+            for instance, (_, result) in zip(instances, self._pool.imap(task, sources), strict=True):
+                if isinstance(result, Exception):  # untrusted file: skip this image only
+                    self._skip_instance(session, study, instance, str(result) or type(result).__name__)
+                else:
+                    work.images.append(result)
                     work.instance_ids.append(instance.id)
-                except Exception as exc:  # noqa: BLE001 - untrusted file: skip this image only
-                    self._skip_instance(session, study, instance, str(exc) or type(exc).__name__)
             session.commit()
         return work
-
-    def _read(self, instance: Instance, study_uid: str, pipeline: Pipeline) -> PreparedImage:
-        path = self.config.spool_dir / instance.spool_path
-        ds = read_dataset(path)
-        meta = read_meta(ds)
-        if meta.sop_instance_uid != instance.sop_instance_uid or meta.study_instance_uid != study_uid:
-            raise InputError("spooled file does not match its database row")
-        return pipeline.prepare(ds, meta)
 
     def _skip_instance(self, session: Session, study: Study, instance: Instance, reason: str) -> None:
         instance.scorable = False
