@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,8 +80,17 @@ def _sent(sessions: sessionmaker[Session]) -> int:
 
 
 def test_a_study_sent_to_the_node_comes_back_as_captures_and_a_report(
-    db_url: str, sessions: sessionmaker[Session], tmp_path: Path, test_model: Path, study_files: list[Path]
+    db_url: str,
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    test_model: Path,
+    study_files: list[Path],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)
+    header = dcmread(study_files[0], stop_before_pixels=True)
+    phi = [str(header.PatientID), str(header.PatientName)]
+    assert all(phi)
     sent_uids = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in study_files}
     with storage_scp("PACS") as pacs:
         node = Node(_config(tmp_path, db_url, test_model, pacs.port))
@@ -108,6 +118,12 @@ def test_a_study_sent_to_the_node_comes_back_as_captures_and_a_report(
     assert len(events(sessions, "study.ready")) == 1
     assert len(events(sessions, "study.scored")) == 1
     assert len(events(sessions, "result.sent")) == 5
+
+    # Application logs (every logger, DEBUG up) name UIDs, never the patient; the audit log does.
+    assert caplog.records, "the node logged nothing at all: the check below would prove nothing"
+    for text in phi:
+        assert text not in caplog.text
+    assert {e.patient_id for e in events(sessions, "instance.received")} == {phi[0]}
 
 
 def test_results_wait_through_a_restart_for_a_destination_that_was_down(
