@@ -118,6 +118,10 @@ class NodeConfig:
     """torch, onnxruntime, tensorrt, or auto: onnxruntime when the model ships ONNX, else torch."""
     model_dir: Path | None = None
     """None: the promoted model in the database, else the bundled demo model."""
+    device: str = "cpu"
+    """Where the backend runs: ``cpu``, or ``cuda`` / ``cuda:N`` (tensorrt needs a GPU)."""
+    preprocessing: str = "cpu"
+    """``cpu`` (pydicom + OpenCV) or ``dali`` (DALI on ``device``; CPU mode without a GPU)."""
     batch_size: int = 8
     max_pdu: int = 1_048_576
     retry_initial_seconds: float = 30.0
@@ -133,6 +137,11 @@ class NodeConfig:
             raise ConfigError("study_quiet_seconds must be > 0 and grace_seconds >= 0")
         if self.unknown_sop_classes not in ("ignore", "reject"):
             raise ConfigError(f"unknown_sop_classes: ignore or reject, not {self.unknown_sop_classes!r}")
+        kind, _, index = self.device.partition(":")
+        if kind not in ("cpu", "cuda") or (kind == "cpu" and index) or not (index or "0").isdigit():
+            raise ConfigError(f"device must be cpu, cuda or cuda:N, not {self.device!r}")
+        if self.preprocessing not in ("cpu", "dali"):
+            raise ConfigError(f"preprocessing must be cpu or dali, not {self.preprocessing!r}")
         if self.batch_size < 1 or self.max_pdu < 0:
             raise ConfigError("batch_size must be >= 1 and max_pdu >= 0")
         if not 0 < self.retry_initial_seconds <= self.retry_max_seconds or self.retry_max_age_hours <= 0:

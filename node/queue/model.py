@@ -46,12 +46,21 @@ def select_model_dir(config: NodeConfig, session: Session) -> Path:
 
 
 def pipeline_factory(config: NodeConfig) -> PipelineFactory:
-    """The default factory: ``config.backend`` (auto, torch, onnxruntime, tensorrt) on the model folder."""
+    """The default factory: ``config.backend`` (auto, torch, onnxruntime, tensorrt) on ``config.device``
+    for the model folder, with DALI preprocessing when ``config.preprocessing`` says so."""
 
     def build(model_dir: Path) -> Pipeline:
         from inference.backends.registry import load_backend
 
-        return Pipeline(load_backend(config.backend, model_dir), batch_size=config.batch_size)
+        backend = load_backend(config.backend, model_dir, device=config.device)
+        dali = None
+        if config.preprocessing == "dali":
+            from inference.preprocessing_dali import DaliPreprocessor
+
+            device_id = None if config.device == "cpu" else int(config.device.partition(":")[2] or "0")
+            preprocess = backend.manifest.preprocess
+            dali = DaliPreprocessor(preprocess, device_id=device_id, batch_size=config.batch_size)
+        return Pipeline(backend, batch_size=config.batch_size, dali=dali)
 
     return build
 

@@ -110,6 +110,8 @@ class _Work:
     patient_id: str
     instance_ids: list[int] = field(default_factory=list)
     images: list[PreparedImage] = field(default_factory=list)
+    scores: list[ImageScore] | None = None
+    """Already scored with the images (DALI prepares and infers in one step); None otherwise."""
 
 
 class Worker:
@@ -219,19 +221,49 @@ class Worker:
                     .order_by(Instance.id)
                 )
             )
-            # Decoded in the pool's workers, several images at once (inference.batching).
             sources = [(self.config.spool_dir / i.spool_path, i.sop_instance_uid) for i in instances]
-            task = functools.partial(
-                _read_and_prepare, study_uid=study.study_uid, config=pipeline.manifest.preprocess
-            )
-            for instance, (_, result) in zip(instances, self._pool.imap(task, sources), strict=True):
-                if isinstance(result, Exception):  # untrusted file: skip this image only
-                    self._skip_instance(session, study, instance, str(result) or type(result).__name__)
-                else:
-                    work.images.append(result)
-                    work.instance_ids.append(instance.id)
+            if pipeline.dali is not None:
+                self._prepare_with_dali(session, study, work, instances, sources, pipeline)
+            else:
+                # Decoded in the pool's workers, several images at once (inference.batching).
+                task = functools.partial(
+                    _read_and_prepare, study_uid=study.study_uid, config=pipeline.manifest.preprocess
+                )
+                for instance, (_, result) in zip(instances, self._pool.imap(task, sources), strict=True):
+                    if isinstance(result, Exception):  # untrusted file: skip this image only
+                        self._skip_instance(session, study, instance, str(result) or type(result).__name__)
+                    else:
+                        work.images.append(result)
+                        work.instance_ids.append(instance.id)
             session.commit()
         return work
+
+    def _prepare_with_dali(
+        self,
+        session: Session,
+        study: Study,
+        work: _Work,
+        instances: list[Instance],
+        sources: list[tuple[Path, str]],
+        pipeline: Pipeline,
+    ) -> None:
+        """DALI decodes and preprocesses on its device and the batch goes straight to the backend,
+        so the job's images are prepared and scored together; files DALI does not take fall back
+        to the CPU path inside :meth:`Pipeline.prepare_and_infer`."""
+        readable: list[tuple[Instance, tuple[Dataset, ImageMeta]]] = []
+        for instance, source in zip(instances, sources, strict=True):
+            try:
+                readable.append((instance, read_spooled(source, study.study_uid)))
+            except (InputError, OSError) as exc:
+                self._skip_instance(session, study, instance, str(exc) or type(exc).__name__)
+        result = pipeline.prepare_and_infer([item for _, item in readable])
+        failed = dict(result.failures)
+        for index, why in failed.items():
+            self._skip_instance(session, study, readable[index][0], str(why) or type(why).__name__)
+        kept = [instance for i, (instance, _) in enumerate(readable) if i not in failed]
+        work.images = list(result.prepared)
+        work.instance_ids = [instance.id for instance in kept]
+        work.scores = list(result.scores)
 
     def _skip_instance(self, session: Session, study: Study, instance: Instance, reason: str) -> None:
         instance.scorable = False
@@ -252,8 +284,10 @@ class Worker:
     ) -> list[tuple[_Work, list[ImageScore] | Exception]]:
         """Score the union of the jobs' images in shared batches; if that fails, each job alone,
         so the error lands on the job that caused it."""
+        done = [(work, work.scores) for work in works if work.scores is not None]
+        works = [work for work in works if work.scores is None]
         if not works:
-            return []
+            return list(done)
         images = [image for work in works for image in work.images]
         try:
             scores = pipeline.infer(images)
@@ -262,13 +296,13 @@ class Worker:
                 "batched inference of %d jobs failed; scoring them one by one", len(works), exc_info=True
             )
         else:
-            out: list[tuple[_Work, list[ImageScore] | Exception]] = []
+            out: list[tuple[_Work, list[ImageScore] | Exception]] = list(done)
             start = 0
             for work in works:
                 out.append((work, scores[start : start + len(work.images)]))
                 start += len(work.images)
             return out
-        results: list[tuple[_Work, list[ImageScore] | Exception]] = []
+        results: list[tuple[_Work, list[ImageScore] | Exception]] = list(done)
         for work in works:
             try:
                 results.append((work, pipeline.infer(work.images)))

@@ -427,3 +427,52 @@ def test_the_served_model_is_the_configured_then_the_promoted_one(
     assert {s.weights_sha256 for s in _scores(sessions, job_id)} == {other.weights_sha256}
     assert worker.run_once() == 0 and worker.load() is worker.pipeline and len(loads) == 1
     assert events(sessions, "model.registered") == []  # already known by its hash
+
+
+def test_the_pipeline_follows_the_configured_device_and_preprocessing(
+    tmp_path: Path, test_model: Path
+) -> None:
+    from node.config import ConfigError
+
+    cpu = pipeline_factory(_config(tmp_path, test_model, backend="torch"))(test_model)
+    assert cpu.dali is None and cpu.backend.name == "torch"
+    dali = pipeline_factory(_config(tmp_path, test_model, backend="torch", preprocessing="dali"))(test_model)
+    assert dali.dali is not None and dali.dali.device_id is None  # DALI's CPU mode on a CPU node
+    for bad in ({"device": "gpu"}, {"device": "cpu:1"}, {"preprocessing": "fast"}):
+        with pytest.raises(ConfigError):
+            _config(tmp_path, test_model, **bad)
+
+
+def test_a_worker_with_dali_preprocessing_scores_like_the_cpu_path(
+    sessions: sessionmaker[Session], tmp_path: Path, test_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DALI in its CPU mode (no GPU here) on JPEG 2000 files: same images scored, same outputs,
+    probabilities within the DALI parity tolerance (0.02; box-filter resize approximation)."""
+    from inference.backends.registry import load_backend
+    from inference.dicom_io import read_dataset, read_meta
+    from inference.preprocessing_dali import DaliPreprocessor
+
+    by_dali: list[int] = []
+    original = DaliPreprocessor.prepare
+
+    def spy(self: DaliPreprocessor, *args: object, **kwargs: object) -> object:
+        result = original(self, *args, **kwargs)  # type: ignore[arg-type]
+        by_dali.append(len(result.rows))
+        return result
+
+    monkeypatch.setattr(DaliPreprocessor, "prepare", spy)
+
+    files = write_study(tmp_path / "j2k", patient_id="P-DALI", study_uid=STUDY_B, transfer_syntax="jpeg2000")
+    config = _config(tmp_path, test_model, backend="torch", preprocessing="dali")
+    (job_id,) = _queue(sessions, config, files)
+    assert Worker(config, sessions).run_once() == 1
+    assert _job(sessions, job_id).state == "done"
+    got = {s.sop_instance_uid: s.probability for s in _scores(sessions, job_id) if s.level == "image"}
+
+    cpu = Pipeline(load_backend("torch", test_model))
+    prepared = [cpu.prepare(ds, read_meta(ds)) for ds in map(read_dataset, files)]
+    want = {s.meta.sop_instance_uid: s.probability for s in cpu.infer(prepared)}
+    assert set(got) == set(want) and len(got) == 4
+    assert max(abs(got[uid] - want[uid]) for uid in want) <= 0.02
+    assert sorted(o.kind for o in _outputs(sessions, job_id)) == ["SC"] * 4 + ["SR"]
+    assert sum(by_dali) == 4, "every J2K image went through DALI, none fell back"
