@@ -170,3 +170,23 @@ class AlgorithmInfo:
     weights_sha256: str
     threshold: float
     notice: str | None = None  # RESEARCH_NOTICE for models trained on synthetic data
+
+
+# The 14 columns of RSNA Screening Mammography's train.csv: the layout training reads and the
+# node's case export writes (node may not import training, so the shared name lives here).
+RSNA_COLUMNS: tuple[str, ...] = (
+    "site_id",
+    "patient_id",
+    "image_id",
+    "laterality",
+    "view",
+    "age",
+    "cancer",
+    "biopsy",
+    "invasive",
+    "BIRADS",
+    "implant",
+    "density",
+    "machine_id",
+    "difficult_negative_case",
+)

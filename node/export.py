@@ -38,28 +38,12 @@ from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from inference.types import MammoNodeError
+from inference.types import RSNA_COLUMNS, MammoNodeError
 from inference.uids import derive_uid, is_valid_uid
 from node.db.models import Instance, Study
 
 log = logging.getLogger(__name__)
 
-RSNA_COLUMNS: tuple[str, ...] = (
-    "site_id",
-    "patient_id",
-    "image_id",
-    "laterality",
-    "view",
-    "age",
-    "cancer",
-    "biopsy",
-    "invasive",
-    "BIRADS",
-    "implant",
-    "density",
-    "machine_id",
-    "difficult_negative_case",
-)
 """The columns of RSNA's ``train.csv`` (as :mod:`training.datasets.rsna` reads them; the node may
 not import training, the export tests check the two agree)."""
 CSV_NAME = "train.csv"

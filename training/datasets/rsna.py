@@ -14,26 +14,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference.types import InputError
+from inference.types import RSNA_COLUMNS, InputError
 
 logger = logging.getLogger(__name__)
 
-RSNA_COLUMNS: tuple[str, ...] = (
-    "site_id",
-    "patient_id",
-    "image_id",
-    "laterality",
-    "view",
-    "age",
-    "cancer",
-    "biopsy",
-    "invasive",
-    "BIRADS",
-    "implant",
-    "density",
-    "machine_id",
-    "difficult_negative_case",
-)
 LESION_COLUMNS: tuple[str, ...] = (
     "patient_id",
     "image_id",

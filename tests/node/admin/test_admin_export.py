@@ -25,8 +25,7 @@ from inference.dicom_io import decode_pixels, read_meta
 from inference.manifest import load_manifest
 from node import audit
 from node.db.models import Instance, ModelVersion
-from node.export import RSNA_COLUMNS as NODE_RSNA_COLUMNS
-from training.datasets.rsna import RSNA_COLUMNS, load_rsna
+from training.datasets.rsna import load_rsna
 
 PATIENTS = ("MRN-ALPHA-7731", "MRN-BRAVO-0042")
 
@@ -43,10 +42,6 @@ def _write_outcomes(
 ) -> Path:
     path.write_text(header + "\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows), encoding="utf-8")
     return path
-
-
-def test_node_writes_the_columns_training_reads() -> None:
-    assert NODE_RSNA_COLUMNS == RSNA_COLUMNS
 
 
 def test_export_cases_writes_a_loadable_deidentified_dataset(
