@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from inference.types import MammoNodeError
 from node.audit import ASSOCIATION_ACCEPTED, ASSOCIATION_REJECTED, EVENTS
-from node.db.models import Association, AuditEvent, Instance, Study
+from node.db.models import Association, AuditEvent, Instance, Study, as_utc
 
 EXPORT_FORMATS = ("csv", "jsonl")
 EXPORT_COLUMNS: tuple[str, ...] = (
@@ -46,11 +46,6 @@ _ASSOCIATION_SLACK = dt.timedelta(seconds=5)
 
 class AuditQueryError(MammoNodeError):
     """A filter the user gave cannot be applied (bad time, unknown event name, ...)."""
-
-
-def as_utc(value: dt.datetime) -> dt.datetime:
-    """Aware UTC; SQLite hands back naive datetimes, which the node always writes in UTC."""
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 def parse_time(text: str, what: str = "time") -> dt.datetime:

@@ -159,7 +159,7 @@ def upgrade(url: str, revision: str = "head") -> None:
         command.upgrade(alembic_config(conn), revision)
         after = MigrationContext.configure(conn).get_current_revision()
     if after != before:
-        log.info("database schema upgraded from %s to %s", before or "empty", after)
+        log.debug("database schema upgraded from %s to %s", before or "empty", after)
 
 
 def downgrade(url: str, revision: str) -> None:
@@ -169,7 +169,7 @@ def downgrade(url: str, revision: str) -> None:
         command.downgrade(alembic_config(conn), revision)
         after = MigrationContext.configure(conn).get_current_revision()
     if after != before:
-        log.info("database schema downgraded from %s to %s", before, after or "empty")
+        log.debug("database schema downgraded from %s to %s", before, after or "empty")
 
 
 def current(url: str) -> str | None:

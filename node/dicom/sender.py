@@ -34,7 +34,7 @@ from inference.dicom_io import read_dataset
 from inference.types import InputError
 from node import audit
 from node.config import ConfigError, Destination, NodeConfig
-from node.db.models import Job, OutputObject, Study, Transmission, utcnow
+from node.db.models import Job, OutputObject, Study, Transmission, as_utc, utcnow
 from node.dicom.status import RejectResult, is_success, is_transient_failure, status_name
 
 log = logging.getLogger(__name__)
@@ -328,7 +328,7 @@ def _apply(session: Session, config: NodeConfig, item: _Due, outcome: SendOutcom
         log.info("sent %s to %s", item.sop_instance_uid, item.destination)
     else:
         row.last_error = outcome.detail[:2000]
-        too_old = now - _as_utc(item.created_at) > dt.timedelta(hours=config.retry_max_age_hours)
+        too_old = now - as_utc(item.created_at) > dt.timedelta(hours=config.retry_max_age_hours)
         if outcome.permanent or too_old:
             row.state = "dead"
             event = audit.RESULT_DEAD
@@ -359,8 +359,3 @@ def _apply(session: Session, config: NodeConfig, item: _Due, outcome: SendOutcom
         peer=item.destination,
         details=details,
     )
-
-
-def _as_utc(value: dt.datetime) -> dt.datetime:
-    """SQLite returns naive datetimes (stored as UTC); PostgreSQL aware ones."""
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value

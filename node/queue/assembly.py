@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node import audit
 from node.config import NodeConfig
-from node.db.models import Breast, Instance, Job, Study, utcnow
+from node.db.models import Breast, Instance, Job, Study, as_utc, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,6 @@ ACTIVE_JOB_STATES = ("pending", "claimed")
 MAX_CLAIMS = 3
 """A job claimed this many times without finishing (the worker process died each time, e.g. a
 decoder crash) is failed on the next start instead of taking the node down again."""
-
-
-def aware(value: dt.datetime) -> dt.datetime:
-    """``value`` as timezone-aware UTC: SQLite hands back naive datetimes for aware columns."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 def view_key(laterality: str, view: str) -> str:
@@ -53,7 +48,7 @@ def missing_views(config: NodeConfig, instances: Iterable[Instance]) -> set[str]
 
 def ready_reason(config: NodeConfig, study: Study, instances: list[Instance], now: dt.datetime) -> str | None:
     """Why ``study`` is ready now (``views complete`` or ``quiet period``), or None if not yet."""
-    quiet_for = (now - aware(study.last_received_at)).total_seconds()
+    quiet_for = (now - as_utc(study.last_received_at)).total_seconds()
     if not missing_views(config, instances) and quiet_for >= config.grace_seconds:
         return "views complete"
     if quiet_for >= config.study_quiet_seconds:
@@ -164,7 +159,7 @@ def promote_ready(
     One transaction per study, so one study's conflict (a concurrent instance, another node
     queueing it first) does not hold back the others.
     """
-    now = aware(now) if now is not None else utcnow()
+    now = as_utc(now) if now is not None else utcnow()
     with sessions() as session:
         study_ids = list(session.scalars(select(Study.id).where(Study.state == "receiving")))
     created: list[int] = []

@@ -11,8 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node import audit
-from node.audit_query import as_utc
-from node.db.models import Job, Study, Transmission
+from node.db.models import Job, Study, Transmission, as_utc
 
 STUDY = study_uid("queue")
 FAILING = study_uid("queue-failing-job")

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node import audit
 from node.config import AllowedPeer, Destination, NodeConfig
-from node.db.models import Job, OutputObject, Study, Transmission, utcnow
+from node.db.models import Job, OutputObject, Study, Transmission, as_utc, utcnow
 from node.dicom.sender import backoff_seconds, deliver_due, echo, send_files, store_files
 from node.dicom.status import DimseStatus
 
@@ -85,10 +85,6 @@ def transmission(sessions: sessionmaker[Session], tx_id: int) -> Transmission:
         return row
 
 
-def _as_utc(value: dt.datetime) -> dt.datetime:
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
-
-
 @contextmanager
 def status_scp(status: int, syntaxes: list[str] | None = None) -> Iterator[int]:
     """A storage SCP for MG For Presentation that answers every C-STORE with ``status``."""
@@ -143,7 +139,7 @@ def test_transient_failure_backs_off_then_delivers(
         assert deliver_due(config, sessions, now) == 1
         row = transmission(sessions, tx_id)
         assert (row.state, row.attempts) == ("failed", attempt) and row.last_error
-        assert _as_utc(row.next_attempt_at) == now + dt.timedelta(seconds=delay)
+        assert as_utc(row.next_attempt_at) == now + dt.timedelta(seconds=delay)
         assert deliver_due(config, sessions, now + dt.timedelta(seconds=delay - 1)) == 0  # not due yet
         now += dt.timedelta(seconds=delay)
     assert [backoff_seconds(config, n) for n in (1, 2, 3, 4, 200)] == [30.0, 60.0, 100.0, 100.0, 100.0]
