@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -33,6 +34,8 @@ from node.queue.worker import Worker
 log = logging.getLogger(__name__)
 
 ACTOR = "node"
+ERROR_LOG_INTERVAL_SECONDS = 60.0
+"""A round failing the same way again is logged at most this often."""
 STOP_TIMEOUT_SECONDS = 60.0
 """How long :meth:`Node.stop` waits for a scoring round in progress before giving up on it (its
 job stays claimed and is requeued on the next start)."""
@@ -193,11 +196,25 @@ class Node:
         return deliver_due(self.config, self.sessions)
 
     def _loop(self, what: str, round_: Callable[[], int]) -> None:
+        """Run ``round_`` until stopped. A failure that repeats (a model that cannot load, a
+        database that is down) is logged in full once, then once a minute with a count, so a
+        persistent fault does not flood the log at the polling rate."""
+        last_error, last_logged, repeats = "", 0.0, 0
         while not self._stop.is_set():
             try:
                 busy = round_() > 0
-            except Exception:
-                log.exception("%s round failed; retrying in %.1f s", what, self.config.poll_seconds)
+                last_error, repeats = "", 0
+            except Exception as exc:
                 busy = False
+                text = f"{type(exc).__name__}: {exc}"
+                now = time.monotonic()
+                if text != last_error:
+                    log.exception("%s round failed; retrying every %.1f s", what, self.config.poll_seconds)
+                    last_error, last_logged, repeats = text, now, 0
+                else:
+                    repeats += 1
+                    if now - last_logged >= ERROR_LOG_INTERVAL_SECONDS:
+                        log.error("%s round still failing (%d more times): %s", what, repeats, text)
+                        last_logged, repeats = now, 0
             if not busy:
                 self._stop.wait(self.config.poll_seconds)
