@@ -170,6 +170,26 @@ def jobs_in_state(session: Session, state: str) -> list[int]:
     return list(session.scalars(select(Job.id).where(Job.state == state).order_by(Job.id)))
 
 
+def _checked(
+    session: Session,
+    tx_ids: Sequence[int],
+    job_ids: Sequence[int],
+    tx_states: tuple[str, ...],
+    job_states: tuple[str, ...],
+    verb: str,
+) -> tuple[list[Transmission], list[Job]]:
+    """The rows behind the IDs, after checking every one may be ``verb`` (retried, dropped)."""
+    transmissions = _fetch(session, Transmission, tx_ids, "transmission")
+    jobs = _fetch(session, Job, job_ids, "scoring job")
+    for t in transmissions:
+        if t.state not in tx_states:
+            raise QueueError(f"transmission {t.id} is {t.state}; only {'/'.join(tx_states)} can be {verb}")
+    for j in jobs:
+        if j.state not in job_states:
+            raise QueueError(f"job:{j.id} is {j.state}; only {'/'.join(job_states)} jobs can be {verb}")
+    return transmissions, jobs
+
+
 def retry(session: Session, tx_ids: Sequence[int], job_ids: Sequence[int], actor: str) -> list[str]:
     """Make the items pending again, due now, and audit each; the caller commits.
 
@@ -177,16 +197,7 @@ def retry(session: Session, tx_ids: Sequence[int], job_ids: Sequence[int], actor
     and its study to ``queued``. Checks every item before changing any, so a bad ID changes
     nothing. Returns one line per item changed.
     """
-    transmissions = _fetch(session, Transmission, tx_ids, "transmission")
-    jobs = _fetch(session, Job, job_ids, "scoring job")
-    for t in transmissions:
-        if t.state not in RETRYABLE_TRANSMISSION:
-            raise QueueError(
-                f"transmission {t.id} is {t.state}; only {'/'.join(RETRYABLE_TRANSMISSION)} can be retried"
-            )
-    for j in jobs:
-        if j.state not in RETRYABLE_JOB:
-            raise QueueError(f"job:{j.id} is {j.state}; only {'/'.join(RETRYABLE_JOB)} jobs can be retried")
+    transmissions, jobs = _checked(session, tx_ids, job_ids, RETRYABLE_TRANSMISSION, RETRYABLE_JOB, "retried")
     now = utcnow()
     studies = _output_studies(session, transmissions)
     done = []
@@ -220,16 +231,7 @@ def retry(session: Session, tx_ids: Sequence[int], job_ids: Sequence[int], actor
 
 def drop(session: Session, tx_ids: Sequence[int], job_ids: Sequence[int], actor: str) -> list[str]:
     """Take the items out of the queue for good (state ``dropped``) and audit each."""
-    transmissions = _fetch(session, Transmission, tx_ids, "transmission")
-    jobs = _fetch(session, Job, job_ids, "scoring job")
-    for t in transmissions:
-        if t.state not in DROPPABLE_TRANSMISSION:
-            raise QueueError(
-                f"transmission {t.id} is {t.state}; only {'/'.join(DROPPABLE_TRANSMISSION)} can be dropped"
-            )
-    for j in jobs:
-        if j.state not in DROPPABLE_JOB:
-            raise QueueError(f"job:{j.id} is {j.state}; only {'/'.join(DROPPABLE_JOB)} jobs can be dropped")
+    transmissions, jobs = _checked(session, tx_ids, job_ids, DROPPABLE_TRANSMISSION, DROPPABLE_JOB, "dropped")
     studies = _output_studies(session, transmissions)
     done = []
     for t in transmissions:

@@ -175,14 +175,13 @@ def choose_threshold(labels: Sequence[float], probs: np.ndarray, target_sensitiv
 
 def run_histology_train(request: TrainRequest) -> Path:
     """Train a patch classifier and write ``request.out / "model"``; returns that folder."""
-    import torch
 
     from inference.backends.registry import load_backend
     from inference.manifest import ModelManifest, save_manifest
     from inference.model import build_model
     from inference.model_io import save_model
     from training.ddp import launched_as_worker
-    from training.loop import train
+    from training.loop import load_checkpoint_weights, train
     from training.transforms import AugmentConfig
 
     _check_layout(request.layout)
@@ -204,10 +203,7 @@ def run_histology_train(request: TrainRequest) -> Path:
     if launched_as_worker():  # torchrun: rank 0 alone turns the best checkpoint into the model
         return request.out / "model"
 
-    model = build_model(request.architecture, in_chans=3)
-    checkpoint = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
+    model = load_checkpoint_weights(build_model(request.architecture, in_chans=3), result.best_checkpoint)
 
     model_dir = request.out / "model"
     draft = save_model(

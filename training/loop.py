@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from training.sampler import BalancedPredictionIdSampler
 from training.transforms import AugmentConfig, augment
 
 logger = logging.getLogger(__name__)
+_M = TypeVar("_M", bound=nn.Module)
 
 CHECKPOINT_FORMAT = "mammonode-train-checkpoint/1"
 BEST_CHECKPOINT = "best.pt"
@@ -537,6 +538,14 @@ def _run(
         val_labels=np.asarray(val_set.labels, dtype=np.float64),
         val_prediction_ids=list(val_set.prediction_ids),
     )
+
+
+def load_checkpoint_weights(model: _M, path: Path) -> _M:
+    """Put the weights of a checkpoint written by :func:`train` into ``model``, in eval mode."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model
 
 
 def _carry_best_checkpoint(resume: Path, best_path: Path, ctx: ddp.DistContext) -> None:

@@ -132,15 +132,13 @@ def run_train(request: TrainRequest) -> Path:
 
         return run_histology_train(request)
 
-    import torch
-
     from inference.backends.torch_backend import TorchBackend
     from inference.manifest import ModelManifest, save_manifest
     from inference.model import build_model
     from inference.model_io import save_model
     from training.ddp import launched_as_worker
     from training.evaluate import breast_table, predict_samples
-    from training.loop import train
+    from training.loop import load_checkpoint_weights, train
     from training.mammo_dataset import MammoTensorDataset
     from training.metrics import binary_metrics, threshold_for_sensitivity
     from training.plots import write_training_curves
@@ -167,10 +165,7 @@ def run_train(request: TrainRequest) -> Path:
     if launched_as_worker():  # torchrun: rank 0 alone turns the best checkpoint into the model
         return model_dir
 
-    model = build_model(request.architecture)
-    checkpoint = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
+    model = load_checkpoint_weights(build_model(request.architecture), result.best_checkpoint)
 
     draft = save_model(
         model,

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pynetdicom import AE
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -131,3 +132,15 @@ def study_row(sessions: sessionmaker[Session], study_uid: str = STUDY) -> Study:
 def referenced_uids(ds: Dataset) -> set[str]:
     """Every ReferencedSOPInstanceUID anywhere in ``ds`` (SC source images, SR evidence)."""
     return {str(e.value) for e in ds.iterall() if e.keyword == "ReferencedSOPInstanceUID"}
+
+
+def c_store(files: list[Path], port: int) -> list[int]:
+    """Send ``files`` as a modality would (one association); the C-STORE statuses."""
+    ae = AE("MODALITY")
+    ae.add_requested_context(MG_FOR_PRESENTATION, EXPLICIT_VR_LE)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MAMMONODE")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(dcmread(path)).Status) for path in files]
+    finally:
+        assoc.release()

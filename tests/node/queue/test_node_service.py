@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from peers import free_port, storage_scp, write_study
 from pydicom import dcmread
-from pynetdicom import AE
 from pynetdicom.status import Status
-from queue_helpers import events, referenced_uids
+from queue_helpers import c_store, events, referenced_uids
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,8 +20,6 @@ from node.config import Destination, NodeConfig
 from node.db.models import Job, OutputObject, Transmission
 from node.service import Node
 
-MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
-EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 STUDY = derive_uid("tests", "node-service")
 
 pytestmark = pytest.mark.slow
@@ -52,18 +49,6 @@ def _config(
     }
     values.update(overrides)
     return NodeConfig(**values)  # type: ignore[arg-type]
-
-
-def _c_store(files: list[Path], port: int) -> list[int]:
-    """Send ``files`` as a modality would (one association); the C-STORE statuses."""
-    ae = AE("MODALITY")
-    ae.add_requested_context(MG_FOR_PRESENTATION, EXPLICIT_VR_LE)
-    assoc = ae.associate("127.0.0.1", port, ae_title="MAMMONODE")
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(dcmread(path)).Status) for path in files]
-    finally:
-        assoc.release()
 
 
 def _wait(condition: Callable[[], bool], timeout: float = 60.0) -> None:
@@ -96,7 +81,7 @@ def test_a_study_sent_to_the_node_comes_back_as_captures_and_a_report(
         node = Node(_config(tmp_path, db_url, test_model, pacs.port))
         node.start()
         try:
-            assert _c_store(study_files, node.config.port) == [int(Status.SUCCESS)] * 4
+            assert c_store(study_files, node.config.port) == [int(Status.SUCCESS)] * 4
             received = pacs.wait_for(5, timeout=120)
             _wait(lambda: _sent(sessions) == 5)
         finally:
@@ -133,7 +118,7 @@ def test_results_wait_through_a_restart_for_a_destination_that_was_down(
     node = Node(_config(tmp_path, db_url, test_model, port))
     node.start()
     try:
-        assert _c_store(study_files, node.config.port) == [int(Status.SUCCESS)] * 4
+        assert c_store(study_files, node.config.port) == [int(Status.SUCCESS)] * 4
 
         def failed_once() -> bool:
             with sessions() as session:

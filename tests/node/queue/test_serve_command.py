@@ -15,10 +15,8 @@ from pathlib import Path
 
 import pytest
 from peers import free_port, storage_scp, write_study
-from pydicom import dcmread
-from pynetdicom import AE
 from pynetdicom.status import Status
-from queue_helpers import T0, add_instance, events
+from queue_helpers import T0, add_instance, c_store, events
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
@@ -28,8 +26,6 @@ from node import cli
 from node.db.models import Job, OutputObject, Score, Study, Transmission
 
 MAMMONODE = Path(sys.executable).with_name("mammonode")
-MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
-EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 STUDY = derive_uid("tests", "serve-command")
 
 
@@ -102,17 +98,6 @@ def _serve(config: Path, port: int) -> Iterator[subprocess.Popen[str]]:
         proc.communicate(timeout=30)
 
 
-def _c_store(files: list[Path], port: int) -> list[int]:
-    ae = AE("MODALITY")
-    ae.add_requested_context(MG_FOR_PRESENTATION, EXPLICIT_VR_LE)
-    assoc = ae.associate("127.0.0.1", port, ae_title="MAMMONODE")
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(dcmread(path)).Status) for path in files]
-    finally:
-        assoc.release()
-
-
 @pytest.mark.slow
 def test_a_node_killed_after_receiving_delivers_one_set_of_results_after_restart(
     db_url: str, sessions: sessionmaker[Session], tmp_path: Path, test_model: Path
@@ -131,7 +116,7 @@ def test_a_node_killed_after_receiving_delivers_one_set_of_results_after_restart
     # First life: it stores the study, then dies (kill -9) long before the study is due.
     slow = _toml(tmp_path / "slow.toml", grace_seconds=3600.0, study_quiet_seconds=3600.0, **common)
     with _serve(slow, port) as proc:
-        assert _c_store(files, port) == [int(Status.SUCCESS)] * 4
+        assert c_store(files, port) == [int(Status.SUCCESS)] * 4
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
 
