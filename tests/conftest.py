@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Node fixtures (models, databases, peers) are shared by tests/node and tests/reliability.
+pytest_plugins = ["node_fixtures"]
+
 
 def _has_cuda() -> bool:
     try:
