@@ -4,12 +4,17 @@ Both the offline `mammonode score` and the node's worker run exactly this code, 
 radiologist sees from the node is what the offline tool shows. The order is the design's: decode,
 window, preprocess (shared with training), one backend pass for logit and CAM, per-breast
 aggregation, then one CAM secondary capture per image and one TID 1500 report per study.
+
+Pixel work runs in the pixel pool's child processes (:mod:`inference.pixel_pool`): decoding and
+preprocessing (:func:`prepare_image`) and rendering and encoding the results
+(:mod:`inference.rendering`). Only the backend pass runs in the calling process. One image that
+cannot be decoded or rendered fails alone: the study is still scored, and its report says which
+images are missing and why (design invariants 8 and 9).
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -19,22 +24,34 @@ from pydicom.dataset import Dataset
 
 from inference.aggregation import AGGREGATIONS, aggregate_studies
 from inference.backends.base import Backend
-from inference.cam import cam_to_original
 from inference.dicom_io import decode_pixels
 from inference.manifest import algorithm_info
-from inference.overlay import render_cam_overlay
+from inference.phi import describe, scrub
+from inference.pixel_pool import PixelPool
 from inference.preprocessing import preprocess_array
+from inference.rendering import (
+    CaptureTask,
+    EncodedObject,
+    ReportTask,
+    display_image,
+    render_capture,
+    render_report,
+)
 from inference.types import (
+    SCREENING_VIEWS,
+    ImageFailure,
     ImageMeta,
     ImageScore,
     InputError,
     PreprocessConfig,
     PreprocessedImage,
     StudyScore,
+    view_key,
 )
 from inference.voi import apply_voi
-from inference.writers.sc import build_cam_sc, cam_sc_uids
-from inference.writers.sr import build_score_sr, sr_uids
+from inference.writers.common import copyable_header
+from inference.writers.sc import cam_sc_uids
+from inference.writers.sr import sr_uids
 
 if TYPE_CHECKING:
     from inference.backends.cuda_runtime import CudaArray
@@ -48,11 +65,15 @@ SR_SERIES_NUMBER = 9902
 
 @dataclass
 class PreparedImage:
-    """A decoded source: the dataset, the windowed original for display and the model input."""
+    """A decoded source: its copyable header, the windowed image for display and the model input."""
 
     dataset: Dataset
-    display: np.ndarray  # original size, float32 in [0, 1], dense tissue bright
+    """The source's header without pixel data, with only the values that may be copied into
+    results (:func:`inference.writers.common.copyable_header`)."""
+    display: np.ndarray  # float32 in [0, 1], dense tissue bright, at most DISPLAY_MAX on a side
     model_input: PreprocessedImage
+    dropped: tuple[str, ...] = ()
+    """Keywords of source attributes left out of the results because their values are invalid."""
 
     @property
     def meta(self) -> ImageMeta:
@@ -61,12 +82,20 @@ class PreparedImage:
 
 @dataclass
 class StudyOutputs:
-    """Everything produced for one study, in ``score.images`` order for the per-image lists."""
+    """Everything produced for one study, in ``score.images`` order for the per-image lists
+    (``None`` where that image's capture could not be made; ``capture_failures`` says why)."""
 
     score: StudyScore
-    secondary_captures: list[Dataset]
-    overlays: list[np.ndarray]
-    report: Dataset
+    secondary_captures: list[EncodedObject | None]
+    overlays: list[np.ndarray | None]
+    report: EncodedObject
+    capture_failures: list[ImageFailure] = field(default_factory=list)
+    not_analysed: list[ImageFailure] = field(default_factory=list)
+    missing_views: tuple[str, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        return not (self.not_analysed or self.missing_views)
 
 
 @dataclass
@@ -85,8 +114,12 @@ def prepare_image(dataset: Dataset, meta: ImageMeta, config: PreprocessConfig) -
     processes; raises InputError when the image cannot be scored."""
     windowed = apply_voi(decode_pixels(dataset), dataset, fallback=config.fallback_window)
     model_input = preprocess_array(windowed, meta, config)
-    display = windowed if windowed.ndim == 2 else model_input.pixels
-    return PreparedImage(dataset, np.asarray(display, dtype=np.float32), model_input)
+    return _prepared(dataset, windowed if windowed.ndim == 2 else model_input.pixels, model_input)
+
+
+def _prepared(dataset: Dataset, display: np.ndarray, model_input: PreprocessedImage) -> PreparedImage:
+    header, dropped = copyable_header(dataset)
+    return PreparedImage(header, display_image(display), model_input, dropped)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -153,7 +186,7 @@ class Pipeline:
                 logits, cams = self._infer_any(result.batch)
                 grids = result.batch if isinstance(result.batch, np.ndarray) else result.batch.to_host()
                 prepared = [
-                    PreparedImage(
+                    _prepared(
                         chunk[row.index][0],
                         row.display,
                         PreprocessedImage(grids[k, 0], row.transform, row.meta),
@@ -193,67 +226,108 @@ class Pipeline:
         return aggregate_studies(self.infer(images), self.aggregation, self.manifest.threshold)
 
     def outputs(
-        self, study: StudyScore, images: Iterable[PreparedImage], *, result_version: int = 1
+        self,
+        study: StudyScore,
+        images: Iterable[PreparedImage],
+        *,
+        pool: PixelPool,
+        result_version: int = 1,
+        not_analysed: Sequence[ImageFailure] = (),
+        expected_views: Sequence[str] = SCREENING_VIEWS,
+        keep_pictures: bool = False,
     ) -> StudyOutputs:
-        """Render the CAM captures and the report of one scored study."""
+        """Render the CAM captures and the report of one scored study in ``pool``'s children.
+
+        A capture that cannot be made (its child died, the encoder failed) is left out and named
+        in the report; the report itself is required (its failure raises). ``not_analysed`` are
+        the study's images that could not be scored and ``expected_views`` the views a complete
+        exam has: either kind of gap makes the report PARTIAL. With ``keep_pictures`` the
+        rendered RGB pictures come back too (for PNG files).
+        """
         by_uid = {p.meta.sop_instance_uid: p for p in images}
-        breast_prob = {
-            (b.laterality, uid): b.probability for b in study.breasts for uid in b.image_probabilities
-        }
-        captures: list[Dataset] = []
-        overlays: list[np.ndarray] = []
-        for number, image in enumerate(study.images, start=1):
-            prepared = by_uid[image.meta.sop_instance_uid]
-            cam_map = cam_to_original(image.cam, image.transform, thresholded=True)
-            breast_p = breast_prob.get((image.meta.laterality, image.meta.sop_instance_uid), float("nan"))
-            captions = [
-                f"{self.manifest.name} {self.manifest.version} ({self.manifest.architecture}) "
-                f"sha256 {self.manifest.weights_sha256[:12]}",
-                f"{image.meta.laterality} {image.meta.view}: P(malignancy) image {image.probability:.2f}"
-                f"  breast {breast_p:.2f}  exam {study.exam_probability:.2f}"
-                f"  threshold {study.threshold:.2f}",
-            ]
-            rgb = render_cam_overlay(
-                prepared.display,
-                cam_map,
-                notice=self.algorithm.notice,
-                caption_lines=captions,
-                strength=image.probability,
+        tasks = [
+            self._capture_task(
+                study, by_uid[image.meta.sop_instance_uid], image, number, result_version, keep_pictures
             )
-            series_uid, sop_uid = cam_sc_uids(
-                image.meta.sop_instance_uid, self.algorithm, study.study_instance_uid, result_version
-            )
-            captures.append(
-                build_cam_sc(
-                    prepared.dataset,
-                    rgb,
-                    algorithm=self.algorithm,
-                    series_instance_uid=series_uid,
-                    sop_instance_uid=sop_uid,
-                    series_number=CAM_SERIES_NUMBER,
-                    instance_number=number,
-                    probability=image.probability,
-                )
-            )
-            overlays.append(rgb)
-        sources = [by_uid[i.meta.sop_instance_uid].dataset for i in study.images]
+            for number, image in enumerate(study.images, start=1)
+        ]
+        captures: list[EncodedObject | None] = []
+        pictures: list[np.ndarray | None] = []
+        capture_failures: list[ImageFailure] = []
+        for task, outcome in pool.imap(render_capture, tasks):
+            if isinstance(outcome, Exception):
+                capture_failures.append(image_failure(task.score.meta, outcome))
+                captures.append(None)
+                pictures.append(None)
+            else:
+                captures.append(outcome.encoded)
+                pictures.append(outcome.picture)
+        present = {view_key(i.meta.laterality, i.meta.view) for i in study.images}
+        missing = tuple(v for v in expected_views if v not in present)
         series_uid, sop_uid = sr_uids(
             study.study_instance_uid,
             self.algorithm,
             [i.meta.sop_instance_uid for i in study.images],
             result_version,
         )
-        report = build_score_sr(
-            study,
-            sources,
+        report_task = ReportTask(
+            study=study,
+            sources=[by_uid[i.meta.sop_instance_uid].dataset for i in study.images],
             algorithm=self.algorithm,
             series_instance_uid=series_uid,
             sop_instance_uid=sop_uid,
             series_number=SR_SERIES_NUMBER,
-            instance_number=1,
             aggregation=self.aggregation,
+            not_analysed=tuple(not_analysed),
+            missing_views=missing,
+            captures_missing=tuple(capture_failures),
         )
-        return StudyOutputs(study, captures, overlays, report)
+        ((_, report),) = list(pool.imap(render_report, [report_task]))
+        if isinstance(report, Exception):
+            raise report
+        return StudyOutputs(study, captures, pictures, report, capture_failures, list(not_analysed), missing)
+
+    def _capture_task(
+        self,
+        study: StudyScore,
+        prepared: PreparedImage,
+        image: ImageScore,
+        number: int,
+        result_version: int,
+        keep_picture: bool,
+    ) -> CaptureTask:
+        breast_p = next(
+            (b.probability for b in study.breasts if image.meta.sop_instance_uid in b.image_probabilities),
+            float("nan"),
+        )
+        captions = (
+            f"{self.manifest.name} {self.manifest.version} ({self.manifest.architecture}) "
+            f"sha256 {self.manifest.weights_sha256[:12]}",
+            f"{image.meta.laterality} {image.meta.view}: P(malignancy) image {image.probability:.2f}"
+            f"  breast {breast_p:.2f}  exam {study.exam_probability:.2f}"
+            f"  threshold {study.threshold:.2f}",
+        )
+        series_uid, sop_uid = cam_sc_uids(
+            image.meta.sop_instance_uid, self.algorithm, study.study_instance_uid, result_version
+        )
+        return CaptureTask(
+            source=prepared.dataset,
+            display=prepared.display,
+            score=image,
+            captions=captions,
+            algorithm=self.algorithm,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            series_number=CAM_SERIES_NUMBER,
+            instance_number=number,
+            keep_picture=keep_picture,
+        )
+
+
+def image_failure(meta: ImageMeta, error: BaseException) -> ImageFailure:
+    """What a report says of an image that failed: its identity and the scrubbed reason."""
+    reason = str(error) if isinstance(error, InputError) else describe(error)
+    return ImageFailure(meta.sop_instance_uid, meta.sop_class_uid, meta.laterality, meta.view, scrub(reason))
 
 
 def _image_scores(images: Sequence[PreparedImage], logits: np.ndarray, cams: np.ndarray) -> list[ImageScore]:
@@ -268,11 +342,3 @@ def _image_scores(images: Sequence[PreparedImage], logits: np.ndarray, cams: np.
         )
         for p, logit, prob, cam in zip(images, logits, _sigmoid(logits), cams, strict=True)
     ]
-
-
-def group_by_study(images: Iterable[PreparedImage]) -> dict[tuple[str, str], list[PreparedImage]]:
-    """Images keyed by (PatientID, StudyInstanceUID), in arrival order."""
-    groups: dict[tuple[str, str], list[PreparedImage]] = defaultdict(list)
-    for image in images:
-        groups[(image.meta.patient_id, image.meta.study_instance_uid)].append(image)
-    return dict(groups)

@@ -172,6 +172,28 @@ class AlgorithmInfo:
     notice: str | None = None  # RESEARCH_NOTICE for models trained on synthetic data
 
 
+SCREENING_VIEWS: tuple[str, ...] = ("L-CC", "L-MLO", "R-CC", "R-MLO")
+"""The views of a standard screening exam, in the ``L-CC`` form of :func:`view_key`."""
+
+
+def view_key(laterality: str, view: str) -> str:
+    """``L-CC`` for an image's side and view (the form of the expected-views setting)."""
+    return f"{laterality.strip().upper()}-{view.strip().upper()}"
+
+
+@dataclass(frozen=True)
+class ImageFailure:
+    """An image of a study that could not be analysed (or whose CAM capture could not be made),
+    and why: the report names it, so a reader knows what the study's scores leave out. ``reason``
+    is scrubbed of DICOM values (:func:`inference.phi.scrub`)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    laterality: str
+    view: str
+    reason: str
+
+
 # The 14 columns of RSNA Screening Mammography's train.csv: the layout training reads and the
 # node's case export writes (node may not import training, so the shared name lives here).
 RSNA_COLUMNS: tuple[str, ...] = (

@@ -25,6 +25,8 @@ STUDY_READY = "study.ready"
 STUDY_SCORED = "study.scored"
 STUDY_FAILED = "study.failed"
 STUDY_SKIPPED = "study.skipped"
+STUDY_DEFERRED = "study.deferred"
+IMAGE_FAILED = "image.failed"
 RESULT_SENT = "result.sent"
 RESULT_FAILED = "result.failed"
 RESULT_DEAD = "result.dead"
@@ -48,6 +50,8 @@ EVENTS: tuple[str, ...] = (
     STUDY_SCORED,
     STUDY_FAILED,
     STUDY_SKIPPED,
+    STUDY_DEFERRED,
+    IMAGE_FAILED,
     RESULT_SENT,
     RESULT_FAILED,
     RESULT_DEAD,

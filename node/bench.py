@@ -33,14 +33,16 @@ from pydicom.dataset import Dataset
 
 from inference.backends.base import Backend, BackendUnavailable
 from inference.backends.registry import load_backend
-from inference.batching import POOL_KINDS, DecodePool, PoolKind, usable_cpus
 from inference.bundled import resolve_model_dir
 from inference.dicom_io import decode_pixels, read_dataset, read_meta
 from inference.manifest import ModelManifest, load_manifest
 from inference.pipeline import Pipeline, PreparedImage, prepare_image
+from inference.pixel_pool import POOL_KINDS, PixelPool, PoolKind, usable_cpus
 from inference.preprocessing import preprocess_array
+from inference.rendering import display_image
 from inference.types import ImageMeta, MammoNodeError, PreprocessConfig
 from inference.voi import apply_voi
+from inference.writers.common import copyable_header
 from node.offline import score_files
 
 log = logging.getLogger(__name__)
@@ -363,10 +365,10 @@ def bench_e2e(
     pools: dict[str, float] = {}
     runs = 0
     for kind in dict.fromkeys((settings.pool, *settings.pools)):
-        with DecodePool(kind, settings.workers) as pool:
+        with PixelPool(kind, settings.workers) as pool:
             pool.warm()
 
-            def score(pool: DecodePool = pool) -> None:
+            def score(pool: PixelPool = pool) -> None:
                 nonlocal runs
                 runs += 1
                 out = work / f"e2e-{runs}"
@@ -409,7 +411,8 @@ def _stages(pipeline: Pipeline, context: _Context, inputs: BenchInputs, work: Pa
         t2 = clock()
         windowed = apply_voi(pixels, ds, fallback=config.fallback_window)
         model_input = preprocess_array(windowed, meta, config)
-        prepared.append(PreparedImage(ds, np.asarray(windowed, dtype=np.float32), model_input))
+        header, dropped = copyable_header(ds)
+        prepared.append(PreparedImage(header, display_image(windowed), model_input, dropped))
         t3 = clock()
         stages["read"] += t1 - t0
         stages["decode"] += t2 - t1
@@ -418,12 +421,14 @@ def _stages(pipeline: Pipeline, context: _Context, inputs: BenchInputs, work: Pa
     scores = pipeline.infer(prepared)
     t1 = clock()
     (study,) = aggregate_studies(scores, pipeline.aggregation, pipeline.manifest.threshold)
-    result = pipeline.outputs(study, prepared)
+    with PixelPool("serial") as pool:  # the stages are timed one after the other, in this process
+        result = pipeline.outputs(study, prepared, pool=pool)
     t2 = clock()
     out = work / "stages"
     out.mkdir()
-    for ds in [*result.secondary_captures, result.report]:
-        ds.save_as(out / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    for obj in [*result.secondary_captures, result.report]:
+        if obj is not None:
+            (out / f"{obj.sop_instance_uid}.dcm").write_bytes(obj.data)
     t3 = clock()
     stages.update(infer=t1 - t0, render_sc_sr=t2 - t1, write=t3 - t2)
     stages["total"] = sum(stages.values())

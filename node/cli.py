@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from inference.phi import ScrubFilter, quiet_value_checks
 from inference.types import MammoNodeError
 
 log = logging.getLogger("mammonode")
@@ -138,6 +139,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it narrates every module it copies
+    logging.captureWarnings(True)  # library warnings may quote DICOM values: scrubbed like logs
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ScrubFilter())
+    quiet_value_checks()
     try:
         result = app(standalone_mode=False)
     except _click_exc.UsageError as exc:

@@ -7,6 +7,7 @@ exit status is non-zero when anything was skipped. Output files are named by val
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -18,12 +19,14 @@ from pydicom.dataset import Dataset
 
 from inference.aggregation import aggregate_studies
 from inference.backends.registry import load_backend
-from inference.batching import DecodePool, score_stream
+from inference.batching import score_stream
 from inference.bundled import resolve_model_dir
 from inference.dicom_io import is_mammogram, read_dataset, read_meta
 from inference.jsonsafe import dumps
 from inference.overlay import save_png
 from inference.pipeline import Pipeline, PreparedImage, StudyOutputs
+from inference.pixel_pool import PixelPool, usable_cpus
+from inference.rendering import EncodedObject
 from inference.types import ImageMeta, ImageScore, InputError
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,8 @@ class ScoreRun:
 
     outputs: list[StudyOutputs] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    render_failures: list[tuple[str, str]] = field(default_factory=list)
+    """(source SOP Instance UID, why) for scored images whose CAM capture could not be made."""
     written: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -106,7 +111,7 @@ def study_order(files: list[Path]) -> tuple[list[Path], dict[Path, object]]:
 
 
 def score_files(
-    pipeline: Pipeline, files: list[Path], out: Path, *, pool: DecodePool, png: bool = True
+    pipeline: Pipeline, files: list[Path], out: Path, *, pool: PixelPool, png: bool = True
 ) -> ScoreRun:
     """Score ``files`` into ``out`` (SC, SR and, with ``png``, PNG files) and return what was done.
 
@@ -142,33 +147,53 @@ def score_files(
             images[key].append((item.prepared, item.score))
         remaining[key] -= 1
         if remaining[key] == 0 and key in images:
-            _finish_study(pipeline, images.pop(key), out, run, png=png)
+            _finish_study(pipeline, images.pop(key), out, run, pool=pool, png=png)
     run.skipped = [(str(p), failed[p]) for p in files if p in failed]
     return run
 
 
 def _finish_study(
-    pipeline: Pipeline, scored: list[tuple[PreparedImage, ImageScore]], out: Path, run: ScoreRun, *, png: bool
+    pipeline: Pipeline,
+    scored: list[tuple[PreparedImage, ImageScore]],
+    out: Path,
+    run: ScoreRun,
+    *,
+    pool: PixelPool,
+    png: bool,
 ) -> None:
-    """Aggregate one study's scores, render its SCs and SR, write them (as :meth:`Pipeline.score`
-    and :meth:`Pipeline.outputs` do for the sequential path)."""
+    """Aggregate one study's scores, render its SCs and SR in the pool, write them (as
+    :meth:`Pipeline.score` and :meth:`Pipeline.outputs` do for the sequential path). A capture
+    that could not be made is reported like a skipped file, and the report says so."""
     prepared = [p for p, _ in scored]
+    for image in prepared:
+        if image.dropped:
+            log.warning(
+                "%s: attributes with invalid values left out of the outputs: %s",
+                image.meta.sop_instance_uid,
+                ", ".join(image.dropped),
+            )
     for study in aggregate_studies([s for _, s in scored], pipeline.aggregation, pipeline.manifest.threshold):
-        result = pipeline.outputs(study, prepared)
+        result = pipeline.outputs(study, prepared, pool=pool, keep_pictures=png)
         for key, values in write_outputs(result, out, png=png).items():
             run.written[key].extend(values)
+        for failure in result.capture_failures:
+            run.render_failures.append((failure.sop_instance_uid, f"no CAM image: {failure.reason}"))
         run.outputs.append(_written(result))
 
 
 def _written(result: StudyOutputs) -> StudyOutputs:
     """What the summary still needs once the files are written: the scores and the UIDs, not the
-    pictures (about 10 MB per image), so a long run does not keep every study's pixels."""
-    captures = []
-    for sc in result.secondary_captures:
-        reference = Dataset()
-        reference.SOPInstanceUID = sc.SOPInstanceUID
-        captures.append(reference)
-    return StudyOutputs(result.score, captures, [], result.report)
+    encoded objects and pictures (about 10 MB per image), so a long run does not keep them."""
+
+    def identity(obj: EncodedObject) -> EncodedObject:
+        return EncodedObject(obj.sop_instance_uid, obj.sop_class_uid, b"")
+
+    return dataclasses.replace(
+        result,
+        secondary_captures=[None if sc is None else identity(sc) for sc in result.secondary_captures],
+        overlays=[None] * len(result.overlays),
+        report=identity(result.report),
+    )
 
 
 def write_outputs(result: StudyOutputs, out: Path, *, png: bool = True) -> dict[str, list[str]]:
@@ -177,13 +202,14 @@ def write_outputs(result: StudyOutputs, out: Path, *, png: bool = True) -> dict[
     for sub in ("sc", "sr", "png") if png else ("sc", "sr"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     for image, sc, rgb in zip(result.score.images, result.secondary_captures, result.overlays, strict=True):
-        sc_path = out / "sc" / f"{sc.SOPInstanceUID}.dcm"
-        sc.save_as(sc_path, enforce_file_format=True)
-        written["sc"].append(str(sc_path))
-        if png:
+        if sc is not None:
+            sc_path = out / "sc" / f"{sc.sop_instance_uid}.dcm"
+            sc_path.write_bytes(sc.data)
+            written["sc"].append(str(sc_path))
+        if png and rgb is not None:
             written["png"].append(str(save_png(rgb, out / "png" / f"{image.meta.sop_instance_uid}.png")))
-    sr_path = out / "sr" / f"{result.report.SOPInstanceUID}.dcm"
-    result.report.save_as(sr_path, enforce_file_format=True)
+    sr_path = out / "sr" / f"{result.report.sop_instance_uid}.dcm"
+    sr_path.write_bytes(result.report.data)
     written["sr"].append(str(sr_path))
     return written
 
@@ -201,7 +227,9 @@ def summary(pipeline: Pipeline, run: ScoreRun) -> dict[str, Any]:
                 "exam_probability": s.exam_probability,
                 "threshold": s.threshold,
                 "recall_recommended": s.recall_recommended,
-                "sr_sop_instance_uid": str(result.report.SOPInstanceUID),
+                "sr_sop_instance_uid": result.report.sop_instance_uid,
+                "complete": result.complete,
+                "missing_views": list(result.missing_views),
                 "breasts": [
                     {
                         "laterality": b.laterality,
@@ -219,7 +247,7 @@ def summary(pipeline: Pipeline, run: ScoreRun) -> dict[str, Any]:
                         "view": i.meta.view,
                         "probability": i.probability,
                         "logit": i.logit,
-                        "cam_sc_sop_instance_uid": str(sc.SOPInstanceUID),
+                        "cam_sc_sop_instance_uid": None if sc is None else sc.sop_instance_uid,
                     }
                     for i, sc in zip(s.images, result.secondary_captures, strict=True)
                 ],
@@ -269,28 +297,30 @@ def run_score(
     backend: str = "auto",
     aggregation: str | None = None,
     json_output: bool = False,
-    pool: DecodePool | None = None,
+    pool: PixelPool | None = None,
 ) -> int:
     """Score ``paths`` into ``out``; returns the exit status (1 if anything was skipped).
 
-    ``pool`` decodes ahead of the backend; by default a process pool of one worker per CPU when
-    there is more than one file (a spawned worker costs about a second, more than one small file
-    takes to decode).
+    ``pool`` decodes ahead of the backend and renders the results; by default a process pool.
     """
     engine = load_backend(backend, resolve_model_dir(model_dir))
     pipeline = Pipeline(engine, aggregation=aggregation)
     files, missing = collect_files(paths, out=out)
     with contextlib.ExitStack() as stack:
         if pool is None:
-            pool = stack.enter_context(DecodePool("process" if len(files) > 1 else "serial"))
+            # Always child processes, even for one file: a codec that aborts must not take the
+            # run down with it (design invariant 8). One worker per CPU, or fewer files.
+            pool = stack.enter_context(PixelPool("process", max(1, min(len(files), usable_cpus()))))
         run = score_files(pipeline, files, out, pool=pool)
     run.skipped = missing + run.skipped
     for line in run.skipped:
         typer.echo(f"skipped {line[0]}: {line[1]}", err=True)
+    for uid, why in run.render_failures:
+        typer.echo(f"image {uid}: {why}", err=True)
     report = summary(pipeline, run)
     (out / "summary.json").write_text(dumps(report))
     typer.echo(dumps(report) if json_output else format_table(run))
     if not run.outputs:
         typer.echo("error: no image could be scored", err=True)
         return 1
-    return 1 if run.skipped else 0
+    return 1 if run.skipped or run.render_failures else 0

@@ -1,6 +1,16 @@
-"""What the SC and SR writers share: VR length limits and the algorithm's identity in UIDs."""
+"""What the SC and SR writers share: VR length limits, the algorithm's identity in UIDs, and the
+source attributes that may be copied."""
 
 from __future__ import annotations
+
+import struct
+
+from pydicom import config
+from pydicom.datadict import DicomDictionary, dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.valuerep import IS, VR, DSdecimal, DSfloat, PersonName, validate_value
 
 from inference.types import AlgorithmInfo
 
@@ -22,3 +32,58 @@ def algorithm_key(algorithm: AlgorithmInfo) -> tuple[str, ...]:
         repr(float(algorithm.threshold)),
         algorithm.notice or "",
     )
+
+
+_PIXEL_GROUPS = (0x7FE0, 0x7FDF)
+"""Pixel data and its private/float variants: never copied into a result header."""
+
+
+def copyable_header(source: Dataset) -> tuple[Dataset, tuple[str, ...]]:
+    """The source's attributes that an output may copy, and the keywords left out.
+
+    Result objects copy the Patient and Study modules (and a few more) from their source. A value
+    that a modality wrote wrongly -- a Patient's Name stored with VR FD, a birth date of
+    ``PHIPROBE-DOB``, bytes that do not decode -- must not fail the whole study, so each
+    top-level element is kept only if it reads back and validates against its VR, and a standard
+    attribute only if it carries its dictionary VR. Pixel and overlay data are never copied. What
+    is left out is named by keyword (never by value: it may be patient data) so the caller can warn.
+    """
+    header = Dataset()
+    dropped: list[str] = []
+    for tag in list(source.keys()):
+        if tag.group in _PIXEL_GROUPS or 0x6000 <= tag.group <= 0x60FF:
+            continue
+        name = keyword_for_tag(tag) or str(tag)
+        try:
+            elem = source[tag]
+            if not _copyable(elem):
+                dropped.append(name)
+                continue
+        except (*_VALUE_ERRORS, InvalidDicomError):
+            dropped.append(name)
+            continue
+        header.add(elem)
+    header.file_meta = getattr(source, "file_meta", FileMetaDataset())
+    return header, tuple(dropped)
+
+
+_VALUE_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, UnicodeError, struct.error)
+
+
+def _copyable(elem: DataElement) -> bool:
+    if elem.tag.is_private or elem.tag.element == 0:
+        return True  # private data is not copied by the writers; group lengths are harmless
+    expected = dictionary_VR(elem.tag) if elem.tag in DicomDictionary else None
+    if expected is not None and " or " not in expected and expected != elem.VR:
+        return False
+    if elem.VR == VR.SQ:
+        return all(isinstance(item, Dataset) for item in elem.value)
+    values = elem.value if elem.VM > 1 else [elem.value]
+    try:
+        for value in values:
+            if value is None or value == "" or isinstance(value, (DSfloat, DSdecimal, IS)):
+                continue  # empty, or a number pydicom has already parsed from valid text
+            validate_value(elem.VR, str(value) if isinstance(value, PersonName) else value, config.RAISE)
+    except (*_VALUE_ERRORS,):
+        return False
+    return True

@@ -23,7 +23,12 @@ invariant 5). The content tree is:
   DCM 111140 "Normal interval follow-up" (both from the mammography context groups; there is no
   standard yes/no concept for "recall recommended", and these two say yes/no *and* what it means);
 * when the model carries a notice (synthetic training data), a TID 1500 "Qualitative Evaluations"
-  container (UMLS C0034375) with a TEXT DCM 121106 "Comment" holding it.
+  container (UMLS C0034375) with a TEXT DCM 121106 "Comment" holding it;
+* when the study is incomplete -- images that could not be analysed (undecodable, a codec that
+  died), expected views that never arrived, CAM captures that could not be made -- a TEXT
+  "Comment" per fact in the same container naming the images (SOP Instance UID, side, view) and
+  why, and the document's CompletionFlag is PARTIAL with a short CompletionFlagDescription. A
+  study with one view is therefore never reported COMPLETE.
 
 UIDs are derived (design invariant 6), see :func:`sr_uids`.
 """
@@ -60,7 +65,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from inference.types import AlgorithmInfo, ImageScore, InputError, StudyScore
+from inference.types import AlgorithmInfo, ImageFailure, ImageScore, InputError, StudyScore
 from inference.uids import derive_uid, is_valid_uid
 from inference.writers.common import algorithm_key, fit
 
@@ -103,6 +108,7 @@ _PRIVATE_AGGREGATIONS: dict[str, Code] = {
 _UID_NAMESPACE = "mammonode/score-sr/v1"
 _SH_MAX = 16
 _LO_MAX = 64
+_UT_MAX = 1024  # a TEXT item's value is UT; kept short enough to read
 
 
 def sr_uids(
@@ -204,7 +210,7 @@ def _check_sources(study: StudyScore, sources: Sequence[Dataset]) -> dict[str, D
             raise InputError(f"source has a missing or invalid SOP Instance/Class UID: {uid!r}")
         if str(ds.get("StudyInstanceUID", "")) != study.study_instance_uid:
             raise ValueError(f"source {uid} is not in study {study.study_instance_uid}")
-        if str(ds.get("PatientID", "")) != study.patient_id:
+        if "PatientID" in ds and str(ds.get("PatientID", "")) != study.patient_id:
             raise ValueError(f"source {uid} belongs to another patient than the study score")
         by_uid[uid] = ds
     missing = [img.meta.sop_instance_uid for img in study.images if img.meta.sop_instance_uid not in by_uid]
@@ -229,6 +235,9 @@ def build_score_sr(
     series_number: int,
     instance_number: int,
     aggregation: str,
+    not_analysed: Sequence[ImageFailure] = (),
+    missing_views: Sequence[str] = (),
+    captures_missing: Sequence[ImageFailure] = (),
 ) -> highdicom.sr.Comprehensive3DSR:
     """Build the TID 1500 score report of one study (see the module docstring for its layout).
 
@@ -236,6 +245,9 @@ def build_score_sr(
     every ``study.images[i].meta.sop_instance_uid`` must be among them and all must belong to the
     study's patient and study. ``aggregation`` names the per-breast method the study was scored
     with; each breast group is coded with its own ``BreastScore.method`` (falling back to it).
+    ``not_analysed`` (images of the study that could not be scored), ``missing_views`` (expected
+    views, ``L-CC`` form, that are absent) and ``captures_missing`` (scored images without a CAM
+    capture) make the report PARTIAL and are listed in it.
     """
     for name, uid in (("series_instance_uid", series_instance_uid), ("sop_instance_uid", sop_instance_uid)):
         if not is_valid_uid(uid):
@@ -344,19 +356,24 @@ def build_score_sr(
         procedure_reported=PROCEDURE_SCREENING_MAMMOGRAPHY,
         imaging_measurements=groups,
     )
-    if algorithm.notice:
-        # TID 1500 row "Qualitative Evaluations": document-level statements, here the notice.
+    comments = ([algorithm.notice] if algorithm.notice else []) + incompleteness_comments(
+        not_analysed, missing_views, captures_missing
+    )
+    if comments:
+        # TID 1500 row "Qualitative Evaluations": document-level statements (notice, gaps).
         container = ContainerContentItem(
             name=QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
         )
         container.ContentSequence = ContentSequence(
             [
                 TextContentItem(
-                    name=COMMENT, value=algorithm.notice, relationship_type=RelationshipTypeValues.CONTAINS
+                    name=COMMENT, value=fit(text, _UT_MAX), relationship_type=RelationshipTypeValues.CONTAINS
                 )
+                for text in comments
             ]
         )
         report[0].ContentSequence.append(container)
+    complete = not (not_analysed or missing_views)
 
     coding_schemes = None
     if private_codes:
@@ -376,7 +393,7 @@ def build_score_sr(
         sop_instance_uid=sop_instance_uid,
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
-        is_complete=True,
+        is_complete=complete,
         series_description=SERIES_DESCRIPTION,
         manufacturer_model_name=fit(algorithm.name, _LO_MAX),
         software_versions=[
@@ -385,6 +402,8 @@ def build_score_sr(
         ],
         coding_schemes=coding_schemes,
     )
+    if not complete:
+        sr.CompletionFlagDescription = fit(completion_description(not_analysed, missing_views), _LO_MAX)
     logger.debug(
         "built score SR %s for study %s: %d images, %d breasts, exam p=%.4f",
         sop_instance_uid,
@@ -394,3 +413,36 @@ def build_score_sr(
         study.exam_probability,
     )
     return sr
+
+
+def _image_text(failure: ImageFailure) -> str:
+    side = failure.laterality if failure.laterality in LATERALITY_CODES else "unknown side"
+    view = failure.view if failure.view and failure.view != "unknown" else "unknown view"
+    return f"image {failure.sop_instance_uid} ({side} {view})"
+
+
+def incompleteness_comments(
+    not_analysed: Sequence[ImageFailure],
+    missing_views: Sequence[str],
+    captures_missing: Sequence[ImageFailure],
+) -> list[str]:
+    """The report's statements about what its scores leave out, one per fact."""
+    lines = [f"Not analysed: {_image_text(f)}: {f.reason}" for f in not_analysed]
+    if missing_views:
+        lines.append(
+            "Expected views missing from the study: "
+            + ", ".join(missing_views)
+            + "; breast and exam scores use only the views analysed"
+        )
+    lines += [f"No CAM image could be made for {_image_text(f)}: {f.reason}" for f in captures_missing]
+    return lines
+
+
+def completion_description(not_analysed: Sequence[ImageFailure], missing_views: Sequence[str]) -> str:
+    """CompletionFlagDescription (LO) of a PARTIAL report: what is missing, in brief."""
+    parts = []
+    if not_analysed:
+        parts.append(f"{len(not_analysed)} image(s) not analysed")
+    if missing_views:
+        parts.append("missing " + " ".join(missing_views))
+    return "; ".join(parts)

@@ -134,7 +134,7 @@ def bench_command(
     ] = None,
 ) -> None:
     """Measure decode, preprocessing, inference per backend and a 4-view study end to end on this machine."""
-    from inference.batching import POOL_KINDS
+    from inference.pixel_pool import POOL_KINDS
     from node.bench import BenchSettings, data_inputs, format_report, run_bench
 
     if pool not in POOL_KINDS:

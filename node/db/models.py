@@ -173,6 +173,11 @@ class Job(Base):
     state: Mapped[str] = mapped_column(String(16), default="pending")
     """pending -> claimed -> done | failed."""
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    """Failures the job raised itself (a worker dying while holding it is not one)."""
+    retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Transient faults met (disk full, database gone); they never fail the job."""
+    next_attempt_at: Mapped[dt.datetime | None]
+    """Not claimed before this time (backoff after a failure or a transient fault)."""
     claimed_by: Mapped[str | None] = mapped_column(String(128))
     claimed_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]

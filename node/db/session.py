@@ -20,7 +20,12 @@ def is_sqlite(url: str) -> bool:
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for ``url`` with the node's connection settings."""
+    """An engine for ``url`` with the node's connection settings.
+
+    ``hide_parameters``: a database error's text would otherwise quote the statement's bound
+    values, and those include patient IDs (design invariant 10).
+    """
+    kwargs.setdefault("hide_parameters", True)
     if is_sqlite(url):
         engine = create_engine(
             url,

@@ -7,12 +7,13 @@ own. A compressed file is never transcoded: a peer that refuses its syntax refus
 permanently.
 
 The outbox pass (:func:`deliver_due`) follows the sender contract: one association per
-destination per pass; success -> ``sent``; a transient failure (connection refused, timeout,
-abort, transient rejection, out of resources) -> ``failed`` with exponential backoff; a permanent
-one (rejected-permanent association, refused presentation context, failure statuses that a
-resend cannot fix, missing outbox file), or a transient one older than ``retry_max_age_hours`` ->
-``dead``. Each outcome is audited. Resends are harmless: output SOP Instance UIDs are
-deterministic.
+destination per pass; success -> ``sent``; a failure of the destination (connection refused, a
+peer that does not answer, abort, out of resources, and a rejected association, permanent or not:
+a PACS that does not know the node yet is fixed on the PACS, after which delivery must resume
+with no command on the node) -> ``failed`` with exponential backoff; a failure of the object
+(refused presentation context, failure statuses that a resend cannot fix, missing outbox file),
+or any failure older than ``retry_max_age_hours`` -> ``dead``. Each outcome is audited. Resends
+are harmless: output SOP Instance UIDs are deterministic.
 """
 
 from __future__ import annotations
@@ -94,14 +95,14 @@ def _make_ae(calling_ae: str, max_pdu: int) -> AE:
 
 
 def _association_failure(assoc: Association) -> tuple[str, bool]:
-    """Why an association was not established, and whether that is permanent."""
+    """Why an association was not established, and whether that is permanent for the objects
+    (never: no association says anything about the objects; the destination is retried)."""
     if assoc.is_rejected:
         primitive = assoc.acceptor.primitive
         result = getattr(primitive, "result", None)
-        permanent = result == RejectResult.PERMANENT
+        kind = "permanent" if result == RejectResult.PERMANENT else "transient"
         reason = getattr(primitive, "reason_str", "") or "no reason given"
-        kind = "permanent" if permanent else "transient"
-        return f"association rejected ({kind}): {reason}", permanent
+        return f"association rejected ({kind}): {reason}", False
     if assoc.is_aborted:
         return "no association: connection refused or timed out, or aborted by the peer", False
     return "no association: the peer did not answer", False

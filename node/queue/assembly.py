@@ -22,6 +22,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from inference.types import view_key
 from node import audit
 from node.config import NodeConfig
 from node.db.models import Breast, Instance, Job, Study, as_utc, utcnow
@@ -30,14 +31,6 @@ log = logging.getLogger(__name__)
 
 ACTOR = "assembly"
 ACTIVE_JOB_STATES = ("pending", "claimed")
-MAX_CLAIMS = 3
-"""A job claimed this many times without finishing (the worker process died each time, e.g. a
-decoder crash) is failed on the next start instead of taking the node down again."""
-
-
-def view_key(laterality: str, view: str) -> str:
-    """The ``L-CC`` form of :attr:`NodeConfig.expected_views` for an instance's side and view."""
-    return f"{laterality.strip().upper()}-{view.strip().upper()}"
 
 
 def missing_views(config: NodeConfig, instances: Iterable[Instance]) -> set[str]:
@@ -181,36 +174,23 @@ def promote_ready(
     return created
 
 
-def requeue_stale_claims(sessions: sessionmaker[Session], *, max_claims: int = MAX_CLAIMS) -> int:
-    """Put jobs left ``claimed`` by a worker that died back to ``pending``; returns how many.
+def requeue_stale_claims(sessions: sessionmaker[Session], *, worker: str | None = None) -> int:
+    """Put jobs left ``claimed`` by a worker that died (or, with ``worker``, by that worker) back to
+    ``pending``; returns how many.
 
-    Called when the node starts, before its worker runs, so every claim found is stale. Results are
-    written under deterministic UIDs and committed with the job, so re-running a job that died half
-    way never duplicates anything. A job that was claimed ``max_claims`` times already is failed
-    instead: it probably killed the process itself.
+    Called when the node starts, before its worker runs, so every claim found is stale; a worker
+    also calls it for its own name before each round, for a job it could not release (the database
+    was gone). A claim is not an attempt (:mod:`node.queue.retry`): a node killed in the middle of
+    a job charges the job nothing. Results are written under deterministic UIDs and committed
+    with the job, so re-running a job that died half way never duplicates anything.
     """
     requeued = 0
     with sessions() as session:
-        jobs = list(session.scalars(select(Job).where(Job.state == "claimed")))
-        for job in jobs:
+        query = select(Job).where(Job.state == "claimed")
+        if worker is not None:
+            query = query.where(Job.claimed_by == worker)
+        for job in session.scalars(query):
             study = session.get(Study, job.study_id)
-            if job.attempts >= max_claims:
-                job.state = "failed"
-                job.error = f"abandoned after {job.attempts} claims without finishing"
-                job.finished_at = utcnow()
-                if study is not None:
-                    if study.state != "receiving":
-                        study.state = "failed"
-                    audit.record(
-                        session,
-                        audit.STUDY_FAILED,
-                        ACTOR,
-                        patient_id=study.patient_id,
-                        study_uid=study.study_uid,
-                        details={"job_id": job.id, "version": job.version, "error": job.error},
-                    )
-                log.warning("job %d failed: %s", job.id, job.error)
-                continue
             job.state = "pending"
             job.claimed_by = None
             job.claimed_at = None

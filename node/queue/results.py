@@ -8,17 +8,16 @@ files, and rows that already exist under those UIDs are reused rather than dupli
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from inference.manifest import atomic_write_bytes
 from inference.pipeline import Pipeline
+from inference.rendering import EncodedObject
 from inference.types import StudyScore
 from inference.uids import is_valid_uid
 from node.config import Destination
@@ -30,22 +29,21 @@ KIND_SC = "SC"
 KIND_SR = "SR"
 
 
-def write_outbox_file(outbox_dir: Path, study_uid: str, ds: Dataset) -> str:
-    """Write ``ds`` to ``outbox/<study_uid>/<sop_uid>.dcm`` atomically and durably.
+def write_outbox_file(outbox_dir: Path, study_uid: str, obj: EncodedObject) -> str:
+    """Write an encoded result to ``outbox/<study_uid>/<sop_uid>.dcm`` atomically and durably.
 
     Returns the path relative to ``outbox_dir``. The file is synced before it is renamed into
     place and the folder is synced after, so a committed row never points at a missing file.
+    A full disk raises OSError (ENOSPC), which the worker treats as transient.
     """
-    sop_uid = str(ds.SOPInstanceUID)
+    sop_uid = obj.sop_instance_uid
     for uid in (study_uid, sop_uid):
         if not is_valid_uid(uid):
             raise ValueError(f"refusing to build an outbox path from an invalid UID {uid!r}")
     folder = outbox_dir / study_uid
     folder.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
     path = folder / f"{sop_uid}.dcm"
-    atomic_write_bytes(path, buffer.getvalue(), mode=0o600)  # patient data
+    atomic_write_bytes(path, obj.data, mode=0o600)  # patient data
     fsync_dir(folder)
     return f"{study_uid}/{sop_uid}.dcm"
 
@@ -106,20 +104,20 @@ def add_output(
     *,
     job_id: int,
     kind: str,
-    ds: Dataset,
+    obj: EncodedObject,
     outbox_path: str,
     source_uids: Sequence[str],
     destinations: Iterable[Destination],
 ) -> OutputObject:
-    """The output row of ``ds`` plus one pending transmission per destination, reusing what exists."""
-    sop_uid = str(ds.SOPInstanceUID)
+    """The output row of ``obj`` plus one pending transmission per destination, reusing what exists."""
+    sop_uid = obj.sop_instance_uid
     output = session.scalars(select(OutputObject).where(OutputObject.sop_instance_uid == sop_uid)).first()
     if output is None:
         output = OutputObject(
             job_id=job_id,
             kind=kind,
             sop_instance_uid=sop_uid,
-            sop_class_uid=str(ds.SOPClassUID),
+            sop_class_uid=obj.sop_class_uid,
             outbox_path=outbox_path,
             source_uids={"sop_instance_uids": list(source_uids)},
         )

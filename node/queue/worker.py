@@ -9,6 +9,12 @@ captures are made only for the breasts the job re-scores.
 A claim is a conditional UPDATE (``pending`` -> ``claimed``) whose row count says who won, under
 ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, so two workers (threads, processes or nodes)
 never score the same job. Finishing is conditional on still holding the claim.
+
+All pixel work happens in the pixel pool's child processes: decoding and preprocessing before the
+backend pass, rendering and encoding the CAM captures and the report after it. An image that
+cannot be decoded, or whose child dies, fails alone: it is audited (``image.failed``), the study
+is scored from its other images and its report is PARTIAL and names it. Failures of the job as a
+whole are retried by their kind (:mod:`node.queue.retry`).
 """
 
 from __future__ import annotations
@@ -19,31 +25,42 @@ import functools
 import logging
 import os
 import socket
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from inference.aggregation import aggregate_studies
-from inference.batching import DecodePool, shared_pool
 from inference.dicom_io import read_dataset, read_meta
-from inference.pipeline import Pipeline, PreparedImage, prepare_image
-from inference.types import ImageMeta, ImageScore, InputError, PreprocessConfig, StudyScore
+from inference.phi import describe, scrub
+from inference.pipeline import Pipeline, PreparedImage, StudyOutputs, prepare_image
+from inference.pixel_pool import PixelPool, release_memory, shared_pool
+from inference.rendering import EncodedObject
+from inference.types import ImageFailure, ImageMeta, ImageScore, InputError, PreprocessConfig, StudyScore
 from node import audit
 from node.config import NodeConfig
 from node.db.models import Breast, Instance, Job, Score, Study, utcnow
 from node.dicom.intake import side_code
+from node.queue.assembly import requeue_stale_claims
 from node.queue.model import PipelineFactory, register_model, select_model_dir
 from node.queue.model import pipeline_factory as default_pipeline_factory
 from node.queue.results import KIND_SC, KIND_SR, add_output, score_rows, write_outbox_file
+from node.queue.retry import MAX_ATTEMPTS, failure_delay, is_transient, transient_delay
+
+Output = tuple[str, EncodedObject, str, list[str]]
+"""(kind, encoded object, outbox path, source SOP Instance UIDs) of one written result."""
 
 log = logging.getLogger(__name__)
 
 ACTOR = "worker"
 MAX_ERROR_CHARS = 2000
+UNREADABLE = "unreadable at scoring"
+"""Prefix of ``Instance.skip_reason`` for an image the worker could not decode: later versions of
+the study still name it in their report."""
 
 
 def read_spooled(source: tuple[Path, str], study_uid: str) -> tuple[Dataset, ImageMeta]:
@@ -70,7 +87,7 @@ def claim_job(
         for _ in range(8):  # another worker may win the candidate; try the next one
             job_id = session.scalar(
                 select(Job.id)
-                .where(Job.state == "pending")
+                .where(Job.state == "pending", _due(now))
                 .order_by(Job.created_at, Job.id)
                 .limit(1)
                 .with_for_update(skip_locked=True)
@@ -81,7 +98,7 @@ def claim_job(
             claimed = session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == "pending")
-                .values(state="claimed", claimed_by=worker_name, claimed_at=now, attempts=Job.attempts + 1)
+                .values(state="claimed", claimed_by=worker_name, claimed_at=now)
                 .execution_options(synchronize_session=False)
             )
             if getattr(claimed, "rowcount", 0) == 1:
@@ -98,6 +115,20 @@ def claim_job(
     return None
 
 
+def _image_fault(result: object) -> bool:
+    """An outcome of preparing one image that is that image's fault: unusable or undecodable
+    (:class:`InputError`, which includes a decoder child that died), too big to decode, or its
+    spool file unreadable. Anything else (a full disk, a bug) is the job's."""
+    if isinstance(result, (InputError, MemoryError)):
+        return True
+    return isinstance(result, OSError) and not is_transient(result)
+
+
+def _due(now: dt.datetime) -> ColumnElement[bool]:
+    """Jobs whose backoff (if any) has run out."""
+    return or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now)
+
+
 @dataclass
 class _Work:
     """One claimed job and its decoded inputs."""
@@ -110,6 +141,8 @@ class _Work:
     patient_id: str
     instance_ids: list[int] = field(default_factory=list)
     images: list[PreparedImage] = field(default_factory=list)
+    failures: list[ImageFailure] = field(default_factory=list)
+    """The study's images that could not be analysed (this run's and earlier versions')."""
     scores: list[ImageScore] | None = None
     """Already scored with the images (DALI prepares and infers in one step); None otherwise."""
 
@@ -130,7 +163,7 @@ class Worker:
         pipeline_factory: PipelineFactory | None = None,
         *,
         name: str | None = None,
-        decode_pool: DecodePool | None = None,
+        decode_pool: PixelPool | None = None,
     ) -> None:
         self.config = config
         self.sessions = sessions
@@ -165,9 +198,14 @@ class Worker:
         return self._pipeline
 
     def run_once(self) -> int:
-        """Claim jobs until a batch is full, score them together, commit each; returns jobs handled."""
+        """Claim jobs until a batch is full, score them together, commit each; returns jobs handled.
+
+        A job this worker still holds from an earlier round is one it could not release (the
+        database was gone when it failed): it goes back to the queue first, uncharged.
+        """
+        requeue_stale_claims(self.sessions, worker=self.name)
         with self.sessions() as session:
-            if session.scalar(select(Job.id).where(Job.state == "pending").limit(1)) is None:
+            if session.scalar(select(Job.id).where(Job.state == "pending", _due(utcnow())).limit(1)) is None:
                 return 0
         pipeline = self.load()
         works: list[_Work] = []
@@ -198,6 +236,8 @@ class Worker:
                 self._finish(work, scores, pipeline)
             except Exception as exc:  # noqa: BLE001 - recorded on the job; the node keeps serving
                 self._fail(work.job_id, exc)
+        del works
+        release_memory()  # a burst of mammograms must not leave the node's heap at its peak
         return claimed
 
     # ---------------------------------------------------------------------------------------
@@ -222,6 +262,7 @@ class Worker:
                 )
             )
             sources = [(self.config.spool_dir / i.spool_path, i.sop_instance_uid) for i in instances]
+            work.failures = self._earlier_failures(session, study)
             if pipeline.dali is not None:
                 self._prepare_with_dali(session, study, work, instances, sources, pipeline)
             else:
@@ -230,8 +271,11 @@ class Worker:
                     _read_and_prepare, study_uid=study.study_uid, config=pipeline.manifest.preprocess
                 )
                 for instance, (_, result) in zip(instances, self._pool.imap(task, sources), strict=True):
-                    if isinstance(result, Exception):  # untrusted file: skip this image only
-                        self._skip_instance(session, study, instance, str(result) or type(result).__name__)
+                    if _image_fault(result):  # untrusted file: this image fails alone
+                        assert isinstance(result, Exception)
+                        self._skip_instance(session, study, work, instance, result)
+                    elif isinstance(result, Exception):
+                        raise result  # not the file's fault (disk, memory...): the job's failure
                     else:
                         work.images.append(result)
                         work.instance_ids.append(instance.id)
@@ -254,30 +298,60 @@ class Worker:
         for instance, source in zip(instances, sources, strict=True):
             try:
                 readable.append((instance, read_spooled(source, study.study_uid)))
-            except (InputError, OSError) as exc:
-                self._skip_instance(session, study, instance, str(exc) or type(exc).__name__)
+            except InputError as exc:
+                self._skip_instance(session, study, work, instance, exc)
         result = pipeline.prepare_and_infer([item for _, item in readable])
         failed = dict(result.failures)
         for index, why in failed.items():
-            self._skip_instance(session, study, readable[index][0], str(why) or type(why).__name__)
+            self._skip_instance(session, study, work, readable[index][0], why)
         kept = [instance for i, (instance, _) in enumerate(readable) if i not in failed]
         work.images = list(result.prepared)
         work.instance_ids = [instance.id for instance in kept]
         work.scores = list(result.scores)
 
-    def _skip_instance(self, session: Session, study: Study, instance: Instance, reason: str) -> None:
+    def _skip_instance(
+        self, session: Session, study: Study, work: _Work, instance: Instance, error: Exception
+    ) -> None:
+        """One image cannot be analysed: record it (row, audit, log) and name it in the report."""
+        why = scrub(str(error) or type(error).__name__, [study.patient_id])
         instance.scorable = False
-        instance.skip_reason = f"unreadable at scoring: {reason}"[:255]
+        instance.skip_reason = f"{UNREADABLE}: {why}"[:255]
+        work.failures.append(
+            ImageFailure(
+                instance.sop_instance_uid, instance.sop_class_uid, instance.laterality, instance.view, why
+            )
+        )
         audit.record(
             session,
-            audit.INSTANCE_IGNORED,
+            audit.IMAGE_FAILED,
             ACTOR,
             patient_id=study.patient_id,
             study_uid=study.study_uid,
             sop_instance_uid=instance.sop_instance_uid,
-            details={"reason": instance.skip_reason},
+            details={"stage": "decode", "reason": why, "job_id": work.job_id},
         )
-        log.warning("instance %s skipped: %s", instance.sop_instance_uid, instance.skip_reason)
+        log.warning("instance %s not analysed: %s", instance.sop_instance_uid, why)
+
+    @staticmethod
+    def _earlier_failures(session: Session, study: Study) -> list[ImageFailure]:
+        """Images of the study that an earlier version could not decode: still not analysed."""
+        rows = session.scalars(
+            select(Instance).where(
+                Instance.study_id == study.id,
+                Instance.scorable.is_(False),
+                Instance.skip_reason.startswith(UNREADABLE),
+            )
+        )
+        return [
+            ImageFailure(
+                i.sop_instance_uid,
+                i.sop_class_uid,
+                i.laterality,
+                i.view,
+                (i.skip_reason or "").removeprefix(UNREADABLE).lstrip(": "),
+            )
+            for i in rows
+        ]
 
     def _infer(
         self, pipeline: Pipeline, works: list[_Work]
@@ -291,9 +365,9 @@ class Worker:
         images = [image for work in works for image in work.images]
         try:
             scores = pipeline.infer(images)
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - each job is tried alone next, so its own error is kept
             log.warning(
-                "batched inference of %d jobs failed; scoring them one by one", len(works), exc_info=True
+                "batched inference of %d jobs failed (%s); scoring them one by one", len(works), describe(exc)
             )
         else:
             out: list[tuple[_Work, list[ImageScore] | Exception]] = list(done)
@@ -320,18 +394,25 @@ class Worker:
         return study
 
     def _finish(self, work: _Work, scores: list[ImageScore], pipeline: Pipeline) -> None:
-        """Write the job's SCs and SR, then commit scores, outputs, transmissions and states."""
+        """Render the job's SCs and SR in the pool, write them, then commit scores, outputs,
+        transmissions and states."""
         study_score = self._aggregate(work, scores, pipeline)
-        result = pipeline.outputs(study_score, work.images, result_version=work.version)
-        all_sources = [i.meta.sop_instance_uid for i in study_score.images]
-        files: list[tuple[str, Dataset, str, list[str]]] = []
-        for image, sc in zip(study_score.images, result.secondary_captures, strict=True):
-            if side_code(image.meta.laterality) in work.lateralities:
-                path = write_outbox_file(self.config.outbox_dir, work.study_uid, sc)
-                files.append((KIND_SC, sc, path, [image.meta.sop_instance_uid]))
-        sr_path = write_outbox_file(self.config.outbox_dir, work.study_uid, result.report)
-        files.append((KIND_SR, result.report, sr_path, all_sources))
-
+        for image in work.images:
+            if image.dropped:
+                log.warning(
+                    "instance %s: attributes with invalid values left out of the results: %s",
+                    image.meta.sop_instance_uid,
+                    ", ".join(image.dropped),
+                )
+        result = pipeline.outputs(
+            study_score,
+            work.images,
+            pool=self._pool,
+            result_version=work.version,
+            not_analysed=work.failures,
+            expected_views=self.config.expected_views,
+        )
+        files = self._write_outbox(work, result)
         m = pipeline.manifest
         with self.sessions() as session:
             if not self._complete_job(session, work):
@@ -343,14 +424,15 @@ class Worker:
                     session,
                     job_id=work.job_id,
                     kind=kind,
-                    ds=ds,
+                    obj=obj,
                     outbox_path=path,
                     source_uids=sources,
                     destinations=self.config.destinations,
                 )
-                for kind, ds, path, sources in files
+                for kind, obj, path, sources in files
             ]
             state = self._update_study(session, work, "scored")
+            self._audit_capture_failures(session, work, result)
             breasts = {side_code(b.laterality): round(b.probability, 6) for b in study_score.breasts}
             audit.record(
                 session,
@@ -372,6 +454,9 @@ class Worker:
                     "exam_probability": round(study_score.exam_probability, 6),
                     "recall": bool(study_score.recall_recommended),
                     "images": len(study_score.images),
+                    "complete": result.complete,
+                    "not_analysed": [f.sop_instance_uid for f in result.not_analysed],
+                    "missing_views": list(result.missing_views),
                     "outputs": [o.sop_instance_uid for o in outputs],
                 },
             )
@@ -384,6 +469,34 @@ class Worker:
             len(outputs),
             state,
         )
+
+    def _write_outbox(
+        self, work: _Work, result: StudyOutputs
+    ) -> list[tuple[str, EncodedObject, str, list[str]]]:
+        """Write the captures of the breasts this version re-scores, and the report, to the outbox."""
+        files: list[tuple[str, EncodedObject, str, list[str]]] = []
+        for image, sc in zip(result.score.images, result.secondary_captures, strict=True):
+            if sc is not None and side_code(image.meta.laterality) in work.lateralities:
+                path = write_outbox_file(self.config.outbox_dir, work.study_uid, sc)
+                files.append((KIND_SC, sc, path, [image.meta.sop_instance_uid]))
+        sr_path = write_outbox_file(self.config.outbox_dir, work.study_uid, result.report)
+        files.append(
+            (KIND_SR, result.report, sr_path, [i.meta.sop_instance_uid for i in result.score.images])
+        )
+        return files
+
+    def _audit_capture_failures(self, session: Session, work: _Work, result: StudyOutputs) -> None:
+        for failure in result.capture_failures:
+            audit.record(
+                session,
+                audit.IMAGE_FAILED,
+                ACTOR,
+                patient_id=work.patient_id,
+                study_uid=work.study_uid,
+                sop_instance_uid=failure.sop_instance_uid,
+                details={"stage": "render", "reason": failure.reason, "job_id": work.job_id},
+            )
+            log.warning("no CAM capture for instance %s: %s", failure.sop_instance_uid, failure.reason)
 
     def _finish_empty(self, work: _Work) -> None:
         """No image of the study could be scored: the job is done, without outputs."""
@@ -460,34 +573,59 @@ class Worker:
         return session.scalar(select(Study.state).where(Study.id == work.study_id)) or new_state
 
     def _fail(self, job_id: int, exc: BaseException) -> None:
-        """The job failed: record why (job row + audit); the worker carries on with the others."""
-        error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
-        log.error("job %d failed: %s", job_id, error, exc_info=exc)
+        """The job failed as a whole: retry it by the kind of fault (:mod:`node.queue.retry`) and
+        record why (job row, audit, log: all scrubbed of DICOM values). The worker carries on."""
+        transient = is_transient(exc)
+        now = utcnow()
         with self.sessions() as session:
-            failed = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == "claimed", Job.claimed_by == self.name)
-                .values(state="failed", error=error, finished_at=utcnow())
-                .execution_options(synchronize_session=False)
-            )
-            if getattr(failed, "rowcount", 0) != 1:
+            job = session.get(Job, job_id)
+            if job is None or job.state != "claimed" or job.claimed_by != self.name:
                 session.rollback()
                 return
-            job = session.get(Job, job_id)
-            study = session.get(Study, job.study_id) if job is not None else None
-            if job is not None and study is not None:
-                session.execute(
-                    update(Study)
-                    .where(Study.id == study.id, Study.state != "receiving")
-                    .values(state="failed")
-                    .execution_options(synchronize_session=False)
+            study = session.get(Study, job.study_id)
+            error = describe(exc, [study.patient_id] if study is not None else [])[:MAX_ERROR_CHARS]
+            log.debug("job %d failed in:\n%s", job_id, "".join(traceback.format_tb(exc.__traceback__)))
+            job.error = error
+            if transient:
+                delay = transient_delay(job.retries)
+                job.retries += 1
+                final = False
+            else:
+                job.attempts += 1
+                delay = failure_delay(job.attempts)
+                final = job.attempts >= MAX_ATTEMPTS
+            if final:
+                job.state, job.finished_at = "failed", now
+                log.error("job %d failed for good after %d attempts: %s", job_id, job.attempts, error)
+            else:
+                job.state, job.claimed_by, job.claimed_at = "pending", None, None
+                job.next_attempt_at = now + dt.timedelta(seconds=delay)
+                log.warning(
+                    "job %d %s; retrying in %.0f s: %s",
+                    job_id,
+                    "met a transient fault"
+                    if transient
+                    else f"failed (attempt {job.attempts} of {MAX_ATTEMPTS})",
+                    delay,
+                    error,
                 )
-                audit.record(
-                    session,
-                    audit.STUDY_FAILED,
-                    ACTOR,
-                    patient_id=study.patient_id,
-                    study_uid=study.study_uid,
-                    details={"job_id": job_id, "version": job.version, "error": error},
-                )
+            if study is not None:
+                if study.state != "receiving":
+                    study.state = "failed" if final else "queued"
+                if final or not transient or job.retries == 1:  # a long outage is audited once
+                    audit.record(
+                        session,
+                        audit.STUDY_FAILED if final else audit.STUDY_DEFERRED,
+                        ACTOR,
+                        patient_id=study.patient_id,
+                        study_uid=study.study_uid,
+                        details={
+                            "job_id": job_id,
+                            "version": job.version,
+                            "error": error,
+                            "transient": transient,
+                            "attempts": job.attempts,
+                            "retry_in_seconds": None if final else round(delay, 1),
+                        },
+                    )
             session.commit()

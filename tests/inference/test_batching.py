@@ -18,9 +18,10 @@ from mg_source_factory import make_dx_mg
 from pydicom.dataset import Dataset
 
 from inference.backends.base import check_batch
-from inference.batching import DecodePool, PoolKind, read_path, score_stream
+from inference.batching import read_path, score_stream
 from inference.manifest import ModelManifest
 from inference.pipeline import Pipeline, PreparedImage
+from inference.pixel_pool import PixelPool, PoolKind
 from inference.types import ImageMeta, ImageScore, InputError, PreprocessConfig
 from inference.uids import derive_uid
 
@@ -104,7 +105,7 @@ def test_streamed_scores_are_the_sequential_scores_bit_for_bit(
     kind: PoolKind, torch_pipeline: Pipeline, sources: list[Path]
 ) -> None:
     good, expected, errors = _sequential(torch_pipeline, sources)
-    with DecodePool(kind, workers=2, ahead=3) as pool:
+    with PixelPool(kind, workers=2, ahead=3) as pool:
         results = list(score_stream(torch_pipeline, sources, read_path, pool=pool))
 
     assert sorted(r.source for r in results) == sorted(sources)
@@ -126,7 +127,7 @@ def test_streamed_scores_are_the_sequential_scores_bit_for_bit(
 def test_a_group_never_shares_a_batch_with_another(sources: list[Path]) -> None:
     pipeline = Pipeline(FakeBackend(), batch_size=3)
     good = [p for p in sources if p.name != "broken.dcm"]
-    with DecodePool("serial") as pool:
+    with PixelPool("serial") as pool:
         results = list(score_stream(pipeline, good, read_path, pool=pool, group=lambda p: p.name[:2]))
     assert pool.stats.batches == [3, 1, 3, 1, 3]  # studies of 4, 4 and 3 images
     assert [r.source for r in results] == good and all(r.error is None for r in results)
@@ -163,7 +164,7 @@ def test_the_producer_never_runs_more_than_ahead_plus_a_batch_in_front_of_the_sc
     ahead, batch = 3, 4
     pipeline = Pipeline(FakeBackend(), batch_size=batch)
     consumed = 0
-    with DecodePool("thread", workers=2, ahead=ahead) as pool:
+    with PixelPool("thread", workers=2, ahead=ahead) as pool:
         for _ in score_stream(pipeline, feed(), read, pool=pool):
             consumed += 1
             # Everything pulled from the backlog and not yet handed out is in the window or in
@@ -199,7 +200,7 @@ def test_errors_are_reported_per_image_with_the_sequential_messages(
         seen.add(meta.sop_instance_uid)
 
     pipeline = Pipeline(FakeBackend(), batch_size=8)
-    with DecodePool("thread", workers=2) as pool:
+    with PixelPool("thread", workers=2) as pool:
         results = list(score_stream(pipeline, inputs, read_path, pool=pool, accept=accept))
     assert {r.source: str(r.error) for r in results if r.error} == expected
     assert all(isinstance(r.error, InputError) for r in results if r.error)
@@ -215,7 +216,7 @@ def crash_on_three(value: int) -> int:
 
 
 def test_a_worker_process_that_dies_costs_only_its_own_file() -> None:
-    with DecodePool("process", workers=2, ahead=3) as pool:
+    with PixelPool("process", workers=2, ahead=3) as pool:
         results = dict(pool.imap(crash_on_three, range(7)))
     assert isinstance(results.pop(3), InputError)
     assert results == {i: i * 10 for i in range(7) if i != 3}
@@ -246,7 +247,7 @@ def test_with_dali_each_batch_goes_through_prepare_and_infer(sources: list[Path]
         batch_size=3,
         dali=DaliPreprocessor(backend.manifest.preprocess, device_id=None, batch_size=3),
     )
-    with DecodePool("thread", workers=2) as pool:
+    with PixelPool("thread", workers=2) as pool:
         results = {r.source: r for r in score_stream(pipeline, inputs, read_path, pool=pool)}
 
     assert pool.stats.batches == [3, 1]
@@ -266,8 +267,8 @@ def test_with_dali_each_batch_goes_through_prepare_and_infer(sources: list[Path]
 
 KILLED_PARENT = """
 import os, signal, sys
-from inference.batching import DecodePool
-pool = DecodePool("process", workers=2)
+from inference.pixel_pool import PixelPool
+pool = PixelPool("process", workers=2)
 pool.warm()
 print(" ".join(str(pid) for pid in pool._executor._processes), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)

@@ -166,17 +166,25 @@ def test_failing_past_the_maximum_age_goes_dead(
     assert deliver_due(config, sessions, now + dt.timedelta(days=1)) == 0
 
 
-def test_permanent_association_rejection_goes_dead(
+def test_association_rejection_is_retried_until_the_destination_accepts(
     sessions: sessionmaker[Session], config: NodeConfig, node_scp: NodeFactory, tmp_path: Path
 ) -> None:
-    pacs = node_scp(ae_title=PACS_AE, allowed_aes=(AllowedPeer("SOMEONE-ELSE"),))
-    destination = f"{PACS_AE}@{LOOPBACK}:{pacs.port}"
-    tx_id = add_output(sessions, config, mammogram(tmp_path, "a"), destination, now=utcnow())
-    assert deliver_due(config, sessions) == 1
+    """A PACS that refuses the node (not configured for it yet) is fixed on the PACS; the node
+    keeps retrying with backoff and delivers once it is let in, with no command of its own."""
+    refusing = node_scp(ae_title=PACS_AE, allowed_aes=(AllowedPeer("SOMEONE-ELSE"),))
+    destination = f"{PACS_AE}@{LOOPBACK}:{refusing.port}"
+    now = utcnow()
+    tx_id = add_output(sessions, config, mammogram(tmp_path, "a"), destination, now=now)
+    assert deliver_due(config, sessions, now) == 1
     row = transmission(sessions, tx_id)
-    assert row.state == "dead" and "rejected (permanent)" in (row.last_error or "")
-    [dead] = events(sessions, audit.RESULT_DEAD)
-    assert dead.details["reason"] == "permanent failure"
+    assert row.state == "failed" and "rejected (permanent)" in (row.last_error or "")
+    assert not events(sessions, audit.RESULT_DEAD)
+    refusing.server.server_close()  # the PACS is reconfigured: it now answers on the same port
+    accepting = node_scp(ae_title=PACS_AE, port=refusing.port)
+    later = now + dt.timedelta(hours=1)
+    assert deliver_due(config, sessions, later) == 1
+    assert transmission(sessions, tx_id).state == "sent"
+    assert len(accepting.spool_files()) == 1
 
 
 @pytest.mark.parametrize(

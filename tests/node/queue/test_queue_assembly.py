@@ -158,9 +158,12 @@ def test_a_failed_version_is_not_reused(sessions: sessionmaker[Session], tmp_pat
     ]
 
 
-def test_claims_left_by_a_dead_worker_are_requeued_and_a_poison_job_is_failed(
+def test_claims_left_by_dead_workers_are_requeued_without_charging_the_job(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
+    """A node killed in the middle of a job (kill -9, OOM) charges the job nothing: however often
+    it dies, the job goes back to the queue and is never failed for it (only exceptions that the
+    job itself raises count, see test_queue_worker)."""
     config = make_config(tmp_path)
     _add_views(sessions, FOUR)
     (job_id,) = promote_ready(config, sessions, now=_seconds(5))
@@ -168,18 +171,14 @@ def test_claims_left_by_a_dead_worker_are_requeued_and_a_poison_job_is_failed(
     assert study_row(sessions).state == "scoring"
     assert claim_job(sessions, "other") is None  # claimed means claimed
 
-    assert requeue_stale_claims(sessions) == 1
-    (job,) = _jobs(sessions)
-    assert (job.state, job.claimed_by, job.attempts) == ("pending", None, 1)
-    assert study_row(sessions).state == "queued"
-    assert claim_job(sessions, "new-worker") == job_id
+    for restart in range(6):
+        assert requeue_stale_claims(sessions) == 1, restart
+        (job,) = _jobs(sessions)
+        assert (job.state, job.claimed_by, job.attempts) == ("pending", None, 0)
+        assert study_row(sessions).state == "queued"
+        assert claim_job(sessions, f"worker-{restart}") == job_id
+    assert not events(sessions, "study.failed")
 
-    # A job whose every run died (it kills the process) is failed after MAX_CLAIMS claims.
-    for _ in range(2):
-        requeue_stale_claims(sessions)
-        claim_job(sessions, "new-worker")
-    assert requeue_stale_claims(sessions) == 0
-    (job,) = _jobs(sessions)
-    assert job.state == "failed" and job.attempts == 3 and "3 claims" in (job.error or "")
-    assert study_row(sessions).state == "failed"
-    assert len(events(sessions, "study.failed")) == 1
+    # A live worker puts back only its own stale claims (one it could not release).
+    assert requeue_stale_claims(sessions, worker="someone-else") == 0
+    assert requeue_stale_claims(sessions, worker="worker-5") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -18,9 +19,21 @@ from inference.pipeline import Pipeline, PreparedImage
 from inference.types import ImageScore
 from inference.uids import derive_uid
 from node.config import Destination, NodeConfig
-from node.db.models import Breast, Instance, Job, ModelVersion, OutputObject, Score, Study, Transmission
+from node.db.models import (
+    Breast,
+    Instance,
+    Job,
+    ModelVersion,
+    OutputObject,
+    Score,
+    Study,
+    Transmission,
+    as_utc,
+    utcnow,
+)
 from node.queue.assembly import promote_ready, requeue_stale_claims
 from node.queue.model import pipeline_factory, select_model_dir
+from node.queue.retry import MAX_ATTEMPTS
 from node.queue.worker import Worker, claim_job
 
 STUDY_A = derive_uid("tests", "queue", "study-a")
@@ -216,11 +229,17 @@ def test_an_unreadable_spooled_image_is_skipped_and_the_rest_scored(
     with sessions() as session:
         broken = session.scalars(select(Instance).where(Instance.sop_instance_uid == broken_uid)).one()
         assert not broken.scorable and "unreadable" in (broken.skip_reason or "")
-    (ignored,) = events(sessions, "instance.ignored")
-    assert ignored.sop_instance_uid == broken_uid
+    (failed,) = events(sessions, "image.failed")
+    assert failed.sop_instance_uid == broken_uid and failed.details["stage"] == "decode"
     assert sum(s.level == "image" for s in _scores(sessions, job_id)) == 3
     assert sorted(o.kind for o in _outputs(sessions)) == ["SC"] * 3 + ["SR"]
     assert study_row(sessions, STUDY_A).state == "scored"
+    # The report is PARTIAL and says which image was not analysed, and why.
+    (sr_row,) = [o for o in _outputs(sessions) if o.kind == "SR"]
+    sr = dcmread(config.outbox_dir / sr_row.outbox_path)
+    assert sr.CompletionFlag == "PARTIAL"
+    texts = [str(item.get("TextValue", "")) for item in sr.ContentSequence[-1].ContentSequence]
+    assert any(broken_uid in text and "truncated" in text for text in texts), texts
 
 
 def test_a_study_with_no_readable_image_ends_skipped_without_outputs(
@@ -235,7 +254,7 @@ def test_a_study_with_no_readable_image_ends_skipped_without_outputs(
     assert _job(sessions, job_id).state == "done"
     assert _outputs(sessions) == [] and _scores(sessions, job_id) == []
     assert study_row(sessions, STUDY_A).state == "skipped"
-    assert len(events(sessions, "instance.ignored")) == 2
+    assert len(events(sessions, "image.failed")) == 2
     assert len(events(sessions, "study.skipped")) == 1
 
 
@@ -254,15 +273,38 @@ def test_a_failing_study_is_recorded_and_does_not_stop_the_others(
     config = _config(tmp_path, test_model)
     job_a, job_b = _queue(sessions, config, studies["a"] + studies["b"])
 
-    assert Worker(config, sessions, pipeline_factory=factory).run_once() == 2
+    worker = Worker(config, sessions, pipeline_factory=factory)
+    assert worker.run_once() == 2
 
     assert _job(sessions, job_a).state == "done"
+    # An exception the job raises is charged as an attempt and retried after a backoff ...
+    retried = _job(sessions, job_b)
+    assert (retried.state, retried.attempts, retried.retries) == ("pending", 1, 0)
+    assert retried.next_attempt_at is not None and as_utc(retried.next_attempt_at) > utcnow()
+    assert "backend exploded" in (retried.error or "")
+    assert study_row(sessions, STUDY_B).state == "queued"
+    (deferred,) = events(sessions, "study.deferred")
+    assert deferred.details and deferred.details["attempts"] == 1 and not deferred.details["transient"]
+    assert worker.run_once() == 0  # not before its time
+
+    # ... and after MAX_ATTEMPTS it fails for good.
+    for _ in range(MAX_ATTEMPTS - 1):
+        _make_due(sessions, job_b)
+        assert worker.run_once() == 1
     failed = _job(sessions, job_b)
-    assert failed.state == "failed" and "backend exploded" in (failed.error or "")
+    assert failed.state == "failed" and failed.attempts == MAX_ATTEMPTS
     assert study_row(sessions, STUDY_B).state == "failed"
     (event,) = events(sessions, "study.failed")
     assert event.study_uid == STUDY_B and event.details and "backend exploded" in event.details["error"]
     assert {o.job_id for o in _outputs(sessions)} == {job_a}
+
+
+def _make_due(sessions: sessionmaker[Session], job_id: int) -> None:
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.next_attempt_at = utcnow() - dt.timedelta(seconds=1)
+        session.commit()
 
 
 def test_jobs_of_several_studies_share_backend_batches(
@@ -317,7 +359,7 @@ def test_concurrent_claims_take_each_job_exactly_once(
     assert len(ids) == 24 and len(set(ids)) == 24
     with sessions() as session:
         rows = list(session.scalars(select(Job)))
-    assert all(j.state == "claimed" and j.attempts == 1 for j in rows)
+    assert all(j.state == "claimed" and j.attempts == 0 for j in rows)  # a claim is not an attempt
     assert {j.id: j.claimed_by for j in rows} == {j: name for name, mine in claimed.items() for j in mine}
 
 
@@ -381,7 +423,7 @@ def test_a_run_killed_after_writing_files_is_resumed_with_one_set_of_results(
     assert sorted(f"{o.sop_instance_uid}.dcm" for o in outputs) == written
     assert sorted(p.name for p in (config.outbox_dir / STUDY_A).iterdir()) == written
     assert len(_scores(sessions, job_id)) == 7
-    assert _job(sessions, job_id).attempts == 2
+    assert _job(sessions, job_id).attempts == 0  # the killed run was not charged
 
 
 def test_the_served_model_is_the_configured_then_the_promoted_one(
