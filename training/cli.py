@@ -32,19 +32,36 @@ def synth_command(
     patients: Annotated[int, typer.Option(min=1, help="Number of patients (4-view exams).")] = 20,
     seed: Annotated[int, typer.Option(help="Random seed; the output is deterministic for a seed.")] = 0,
     cancer_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Fraction of cancer patients.")] = 0.3,
-    size: Annotated[str, typer.Option(help="Image size HxW.")] = "1024x768",
+    size: Annotated[
+        str | None,
+        typer.Option(help="Image size HxW (film: the nominal size). Default 1024x768, film 4500x2700."),
+    ] = None,
     transfer_syntax: Annotated[
-        str, typer.Option(help="explicit, jpeg2000, jpegls, jpeg-lossless, rle or mixed.")
-    ] = "explicit",
+        str | None,
+        typer.Option(
+            help="explicit, jpeg2000, jpegls, jpeg-lossless, rle or mixed (film: RLE and JPEG 2000). "
+            "Default explicit, film rle."
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     lesion_contrast: Annotated[
         float, typer.Option(min=0.0, help="Scale of lesion amplitude (1.0 = clearly visible).")
     ] = 1.0,
+    style: Annotated[
+        str,
+        typer.Option(
+            help="digital: 4-view digital exams. film: digitised films shaped like CBIS-DDSM "
+            "(Secondary Capture, MG, 16-bit, no ViewPosition, one image per patient and study, "
+            "odd sizes around 4500x2700; --patients is then the number of images)."
+        ),
+    ] = "digital",
 ) -> None:
     """Write synthetic screening studies (phantoms with lesions) in the RSNA layout."""
-    from training.synth import TRANSFER_SYNTAXES, generate_dataset
+    from training.synth import STYLES, TRANSFER_SYNTAXES, generate_dataset
 
-    if transfer_syntax != "mixed" and transfer_syntax not in TRANSFER_SYNTAXES:
+    if style not in STYLES:
+        raise InputError(f"unknown style {style!r}; choose one of {', '.join(STYLES)}")
+    if transfer_syntax not in (None, "mixed", *TRANSFER_SYNTAXES):
         names = ", ".join([*TRANSFER_SYNTAXES, "mixed"])
         raise InputError(f"unknown transfer syntax {transfer_syntax!r}; choose one of {names}")
     summary = generate_dataset(
@@ -52,10 +69,11 @@ def synth_command(
         patients=patients,
         seed=seed,
         cancer_rate=cancer_rate,
-        size=parse_size(size),
+        size=parse_size(size) if size is not None else None,
         transfer_syntax=transfer_syntax,
         workers=workers,
         lesion_contrast=lesion_contrast,
+        style=style,
     )
     typer.echo(
         f"wrote {summary.n_images} images of {summary.n_patients} patients "

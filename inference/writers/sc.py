@@ -18,8 +18,9 @@ import highdicom
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels import get_encoder
 from pydicom.sr.codedict import codes
-from pydicom.uid import RLELossless
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from inference.types import AlgorithmInfo, InputError
 from inference.uids import derive_uid, is_valid_uid
@@ -40,6 +41,24 @@ _ST_MAX = 1024
 _LT_MAX = 10240
 
 _UID_NAMESPACE = "mammonode/cam-sc/v1"
+
+RLE_ENCODER_PLUGINS: tuple[str, ...] = ("pylibjpeg", "pydicom")
+"""RLE encoder plugins allowed, in order of preference (design invariant 8).
+
+Never "whatever pydicom finds first": with python-gdcm installed that is GDCM, whose RLE encoder
+throws an uncaught C++ exception (``image_len % MaxNumSegments == 0``) on any odd Rows x Columns
+and aborts the whole process. pylibjpeg-rle is about ten times faster than pydicom's own encoder,
+which is the always-installed fallback; both give the same bytes.
+"""
+
+
+def rle_encoder_plugin() -> str:
+    """The first installed plugin of :data:`RLE_ENCODER_PLUGINS`."""
+    available = set(get_encoder(RLELossless).available_plugins)
+    for plugin in RLE_ENCODER_PLUGINS:
+        if plugin in available:
+            return plugin
+    raise RuntimeError(f"no safe RLE encoder installed (need one of {RLE_ENCODER_PLUGINS})")
 
 
 def cam_sc_uids(
@@ -114,6 +133,10 @@ def build_cam_sc(
     SourceImageSequence, copies its laterality and patient orientation, and is RLE Lossless so the
     burned-in text and colours arrive in PACS exactly as rendered. ``probability`` is the image's
     P(malignancy); it is recorded in ImageComments next to the threshold and the notice.
+
+    highdicom cannot be told which RLE encoder to use, so the capture is built uncompressed and
+    then compressed with an explicitly chosen plugin (:func:`rle_encoder_plugin`); any size,
+    odd or even, encodes.
     """
     _check_source(source)
     rgb = np.asarray(overlay_rgb)
@@ -149,10 +172,18 @@ def build_cam_sc(
         # highdicom requires an orientation for PATIENT images but only accepts single letters;
         # the source's real value (which may be e.g. "FR") is written just below.
         patient_orientation=("A", "F"),
-        transfer_syntax_uid=RLELossless,
+        # Uncompressed here; RLE with a chosen encoder below (see RLE_ENCODER_PLUGINS).
+        transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=SERIES_DESCRIPTION,
         manufacturer_model_name=fit(algorithm.name, _LO_MAX),
         software_versions=software_versions,
+    )
+    # The UIDs are derived (invariant 6): compressing must not replace the SOP Instance UID.
+    sc.compress(
+        RLELossless,
+        np.ascontiguousarray(rgb),
+        encoding_plugin=rle_encoder_plugin(),
+        generate_instance_uid=False,
     )
     # Type 2C: the source orientation when known, else present but empty.
     sc.PatientOrientation = orientation or []

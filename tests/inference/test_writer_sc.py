@@ -194,3 +194,21 @@ def test_bad_inputs_are_rejected() -> None:
         build_cam_sc(hostile, overlay, series_instance_uid=series_uid, sop_instance_uid=sop_uid, **common)
     with pytest.raises(ValueError):
         cam_sc_uids("../../x", ALGORITHM, STUDY_UID)
+
+
+@pytest.mark.parametrize("plugin", ["pylibjpeg", "pydicom"])
+def test_every_safe_rle_encoder_gives_the_same_pixels(plugin: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The capture's bytes do not depend on which safe RLE encoder a machine has installed, so a
+    resend from a node without pylibjpeg-rle still carries the very same object (invariant 6).
+    Odd-sized overlays are covered in child processes by test_codecs_odd_sizes.py."""
+    from inference.writers import sc as sc_module
+
+    src = make_dx_mg("R", "MLO")
+    overlay = _overlay(src)
+    reference = _build(src, overlay)
+    monkeypatch.setattr(sc_module, "RLE_ENCODER_PLUGINS", (plugin,))
+    assert sc_module.rle_encoder_plugin() == plugin
+    rebuilt = _build(src, overlay)
+    assert rebuilt.file_meta.TransferSyntaxUID == RLELossless
+    assert rebuilt.PixelData == reference.PixelData
+    assert rebuilt.SOPInstanceUID == reference.SOPInstanceUID

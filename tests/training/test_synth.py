@@ -16,10 +16,15 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.pixels import pixel_array
+from typer.testing import CliRunner
 
+from inference.dicom_io import decode_pixels, is_mammogram, read_dataset, read_meta
 from inference.uids import derive_uid
+from node import cli
 from training.datasets.rsna import LESION_COLUMNS, RSNA_COLUMNS
 from training.synth import (
+    DEFAULT_SIZES,
+    FILM,
     MIXED,
     TRANSFER_SYNTAXES,
     VOI_STYLES,
@@ -32,6 +37,7 @@ from training.synth import (
     write_dicom,
 )
 from training.synth.anatomy import view_geometry
+from training.synth.plan import plan_dataset
 
 SIZE = (256, 192)
 SEED = 20240
@@ -598,3 +604,180 @@ def test_make_dicom_rejects_bad_input(phantom: np.ndarray) -> None:
         make_dicom(
             phantom, patient_id="1", study_uid=study, laterality="L", view="CC", bits_stored=14, voi="gamma"
         )
+
+
+# --- film style (digitised screen-film, CBIS-DDSM-like) ------------------------------------
+
+FILM_SIZE = (331, 213)  # nominal rows x columns; small, the shape matters here, not the size
+FILM_SEED = 3131
+
+
+@pytest.fixture(scope="module")
+def film(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six digitised films, RLE and JPEG 2000 alternating, half with a cancer."""
+    out = tmp_path_factory.mktemp("synth") / "film"
+    summary = generate_dataset(
+        out, patients=6, seed=FILM_SEED, cancer_rate=0.5, size=FILM_SIZE, transfer_syntax=MIXED, style=FILM
+    )
+    assert (summary.n_patients, summary.n_images) == (6, 6)
+    assert summary.transfer_syntaxes == ("jpeg2000", "rle")
+    return out
+
+
+@pytest.fixture(scope="module")
+def film_rows(film: Path) -> list[dict[str, str]]:
+    return _read_csv(film / "train.csv")
+
+
+def _film_path(film: Path, row: dict[str, str]) -> Path:
+    return film / "train_images" / row["patient_id"] / f"{row['image_id']}.dcm"
+
+
+def test_film_images_are_secondary_captures_without_view_position(
+    film: Path, film_rows: list[dict[str, str]]
+) -> None:
+    keywords: set[str] = set()
+    for row in film_rows:
+        ds = read_dataset(_film_path(film, row))
+        assert ds.SOPClassUID == SC_UID and ds.Modality == "MG" and ds.ConversionType == "DF"
+        assert (ds.PhotometricInterpretation, ds.BitsAllocated, ds.BitsStored) == ("MONOCHROME2", 16, 16)
+        for absent in ("ViewPosition", "ViewCodeSequence", "WindowCenter", "VOILUTSequence", "PixelSpacing"):
+            assert absent not in ds
+        sides = {k: ds.get(k) for k in ("Laterality", "ImageLaterality") if k in ds}
+        assert list(sides.values()) == [row["laterality"]]
+        keywords |= sides.keys()
+        # The view is only in free text, and the node's reader finds it there.
+        assert row["view"] in ds.SeriesDescription and "MammoNode" not in ds.SeriesDescription
+        meta = read_meta(ds)
+        assert (meta.laterality, meta.view) == (row["laterality"], row["view"])
+        ok, _ = is_mammogram(ds, meta)
+        assert ok
+        pixels = decode_pixels(ds)
+        assert pixels.dtype == np.uint16 and pixels.shape == (ds.Rows, ds.Columns)
+        assert int(pixels.max()) > 1 << 14  # really uses the 16 bits
+    assert keywords == {"Laterality", "ImageLaterality"}
+
+
+def test_film_is_one_image_per_patient_and_study(film: Path, film_rows: list[dict[str, str]]) -> None:
+    headers = [pydicom.dcmread(_film_path(film, r), stop_before_pixels=True) for r in film_rows]
+    assert len({r["patient_id"] for r in film_rows}) == len(film_rows) == 6
+    assert len({str(ds.StudyInstanceUID) for ds in headers}) == 6
+    assert {ds.PatientID for ds in headers} == {r["patient_id"] for r in film_rows}
+    assert {(r["laterality"], r["view"]) for r in film_rows} == {
+        ("L", "CC"),
+        ("L", "MLO"),
+        ("R", "CC"),
+        ("R", "MLO"),
+    }
+    assert sum(r["cancer"] == "1" for r in film_rows) == 3
+    readme = (film / "README.txt").read_text()
+    assert "style=film" in readme and "CBIS-DDSM" in readme
+
+
+def test_film_sizes_are_odd_and_vary_around_the_nominal_size(
+    film: Path, film_rows: list[dict[str, str]]
+) -> None:
+    sizes = []
+    for row in film_rows:
+        ds = pydicom.dcmread(_film_path(film, row), stop_before_pixels=True)
+        sizes.append((int(ds.Rows), int(ds.Columns)))
+    assert FILM_SIZE in sizes  # the first image has exactly the nominal size
+    assert all(cols % 2 == 1 for _, cols in sizes)
+    assert {rows % 2 for rows, _ in sizes} == {0, 1}
+    assert len(set(sizes)) >= 5
+    for rows, cols in sizes:
+        assert 0.9 * FILM_SIZE[0] <= rows <= 1.06 * FILM_SIZE[0]
+        assert 0.9 * FILM_SIZE[1] <= cols <= 1.08 * FILM_SIZE[1]
+
+
+def test_film_ground_truth_is_at_full_size(film: Path, film_rows: list[dict[str, str]]) -> None:
+    lesions = _read_csv(film / "lesions.csv")
+    cancers = [r for r in film_rows if r["cancer"] == "1"]
+    assert cancers and {r["image_id"] for r in cancers} == {b["image_id"] for b in lesions}
+    for row in cancers:
+        ds = read_dataset(_film_path(film, row))
+        mask = _read_mask(film / "train_masks" / row["patient_id"] / f"{row['image_id']}.png")
+        assert mask.shape == (ds.Rows, ds.Columns) and set(np.unique(mask)) == {0, 255}
+        pixels = decode_pixels(ds).astype(np.float64)
+        for box in (b for b in lesions if b["image_id"] == row["image_id"]):
+            y0, x0, y1, x1 = (int(box[k]) for k in ("y0", "x0", "y1", "x1"))
+            assert 0 <= y0 < y1 <= ds.Rows and 0 <= x0 < x1 <= ds.Columns
+            inside = mask[y0:y1, x0:x1] > 0
+            assert inside.any()
+            # The box is tight around the mask: each edge row and column touches it.
+            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+        assert pixels[mask > 0].mean() > np.median(pixels[pixels > pixels.min() + 2000])
+
+
+@pytest.mark.dcmtk
+def test_film_dciodvfy_finds_no_errors(film: Path) -> None:
+    for path in sorted((film / "train_images").rglob("*.dcm")):
+        result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+        assert errors == [], f"{path.name}: {errors}"
+
+
+def test_film_same_seed_gives_identical_bytes(film: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    generate_dataset(
+        again, patients=6, seed=FILM_SEED, cancer_rate=0.5, size=FILM_SIZE, transfer_syntax=MIXED, style=FILM
+    )
+    first, second = _files(film), _files(again)
+    assert first.keys() == second.keys()
+    assert [name for name in first if first[name] != second[name]] == []
+    other = generate_dataset(tmp_path / "other", patients=1, seed=FILM_SEED + 1, size=FILM_SIZE, style=FILM)
+    assert _files(other.out)["train.csv"] != first["train.csv"]
+
+
+def test_film_defaults_to_rle_at_cbis_ddsm_size() -> None:
+    plans = plan_dataset(
+        patients=3, seed=1, cancer_rate=0.0, size=DEFAULT_SIZES[FILM], transfer_syntax="rle", style=FILM
+    )
+    sizes = [p.images[0].size for p in plans]
+    assert sizes[0] == (4500, 2701)
+    assert all(4000 <= rows <= 5000 and 2500 <= cols <= 3000 and cols % 2 for rows, cols in sizes)
+    assert DEFAULT_SIZES[FILM] == (4500, 2700)
+
+
+@pytest.mark.parametrize(
+    ("text", "laterality", "view"),
+    [
+        ("LEFT_CC", "L", "CC"),
+        ("RIGHT_MLO", "R", "MLO"),
+        ("L CC", "L", "CC"),
+        ("R-MLO", "R", "MLO"),
+        ("LEFT MLO", "L", "MLO"),
+        ("RCC", "R", "CC"),
+    ],
+)
+def test_node_reads_side_and_view_from_free_text_alone(
+    phantom: np.ndarray, text: str, laterality: str, view: str
+) -> None:
+    """Films carry the view only in SeriesDescription; with the side tag removed too, the
+    node's reader still finds both there (the free-text forms real archives use)."""
+    ds = make_dicom(
+        phantom,
+        patient_id="5",
+        study_uid=derive_uid("film-text"),
+        laterality="L" if laterality == "R" else "R",  # the tag (deleted below) must not matter
+        view="CC",
+        bits_stored=14,
+        film=True,
+        view_text=text,
+    )
+    del ds.Laterality
+    meta = read_meta(ds)
+    assert (meta.laterality, meta.view) == (laterality, view)
+
+
+def test_synth_cli_film_style(tmp_path: Path) -> None:
+    out = tmp_path / "cli-film"
+    args = ["synth", str(out), "--style", "film", "--patients", "2", "--size", "300x200", "--seed", "9"]
+    result = CliRunner().invoke(cli.app, [*args, "--transfer-syntax", "mixed"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    files = sorted((out / "train_images").rglob("*.dcm"))
+    assert len(files) == 2
+    syntaxes = {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in files}
+    assert syntaxes == {TRANSFER_SYNTAXES["rle"], TRANSFER_SYNTAXES["jpeg2000"]}
+    bad = CliRunner().invoke(cli.app, ["synth", str(tmp_path / "bad"), "--style", "polaroid"])
+    assert bad.exit_code != 0 and not (tmp_path / "bad").exists()

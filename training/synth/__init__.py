@@ -6,19 +6,28 @@ Public API:
 - :func:`synth_breast` / :func:`render_view` make one image (and its ground truth) in memory.
 - :func:`make_dicom` / :func:`write_dicom` wrap pixels as a mammogram or Secondary Capture file.
 - :data:`TRANSFER_SYNTAXES` names the supported transfer syntaxes (plus ``mixed``).
+- :data:`STYLES`: ``digital`` 4-view exams, or ``film`` digitised films shaped like CBIS-DDSM
+  (:func:`render_film_view`).
 """
 
 from training.synth.anatomy import DENSITIES, BreastAnatomy
-from training.synth.dataset import SynthSummary, generate_dataset
+from training.synth.dataset import DEFAULT_SIZES, SynthSummary, generate_dataset
 from training.synth.dicom_writer import make_dicom, write_dicom
-from training.synth.encoding import MIXED, TRANSFER_SYNTAXES, jpeg_lossless_sv1
+from training.synth.encoding import FILM_MIXED_SYNTAXES, MIXED, TRANSFER_SYNTAXES, jpeg_lossless_sv1
+from training.synth.film import render_film_view
 from training.synth.lesions import Lesion, random_lesion
 from training.synth.phantom import RenderedView, render_view, synth_breast
+from training.synth.plan import DIGITAL, FILM, STYLES
 from training.synth.voi import VOI_STYLES
 
 __all__ = [
+    "DEFAULT_SIZES",
     "DENSITIES",
+    "DIGITAL",
+    "FILM",
+    "FILM_MIXED_SYNTAXES",
     "MIXED",
+    "STYLES",
     "TRANSFER_SYNTAXES",
     "VOI_STYLES",
     "BreastAnatomy",
@@ -29,6 +38,7 @@ __all__ = [
     "jpeg_lossless_sv1",
     "make_dicom",
     "random_lesion",
+    "render_film_view",
     "render_view",
     "synth_breast",
     "write_dicom",

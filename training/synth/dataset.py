@@ -20,14 +20,19 @@ import numpy as np
 from training.datasets.rsna import LESION_COLUMNS, LESIONS_CSV, MASKS_DIR, RSNA_COLUMNS
 from training.synth.dicom_writer import make_dicom, write_dicom
 from training.synth.encoding import MIXED, check_transfer_syntax
-from training.synth.phantom import MIN_SIZE, render_view
-from training.synth.plan import PatientPlan, plan_dataset
+from training.synth.film import render_film_view
+from training.synth.phantom import MIN_SIZE, RenderedView, render_view
+from training.synth.plan import DIGITAL, FILM, STYLES, ImagePlan, PatientPlan, plan_dataset
 
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "1"
 IMAGES_DIR = "train_images"
 CSV_NAME = "train.csv"
+DEFAULT_SIZES: dict[str, tuple[int, int]] = {DIGITAL: (1024, 768), FILM: (4500, 2700)}
+"""Nominal (rows, columns) of each style when no size is given."""
+DEFAULT_TRANSFER_SYNTAXES: dict[str, str] = {DIGITAL: "explicit", FILM: "rle"}
+"""Transfer syntax of each style when none is given: digitised-film archives are RLE."""
 
 
 @dataclass(frozen=True)
@@ -55,18 +60,27 @@ def generate_dataset(
     patients: int,
     seed: int,
     cancer_rate: float = 0.3,
-    size: tuple[int, int] = (1024, 768),
-    transfer_syntax: str = "explicit",
+    size: tuple[int, int] | None = None,
+    transfer_syntax: str | None = None,
     workers: int = 1,
     lesion_contrast: float = 1.0,
+    style: str = DIGITAL,
 ) -> SynthSummary:
     """Generate ``patients`` synthetic 4-view screening exams under ``out`` (RSNA layout).
 
     ``cancer_rate`` is the fraction of patients with cancer (in one breast, rarely both);
-    ``size`` is (rows, columns); ``transfer_syntax`` a key of TRANSFER_SYNTAXES or ``mixed``;
+    ``size`` is (rows, columns), by default :data:`DEFAULT_SIZES` of the style;
+    ``transfer_syntax`` a key of TRANSFER_SYNTAXES or ``mixed`` (by default
+    :data:`DEFAULT_TRANSFER_SYNTAXES` of the style);
     ``lesion_contrast`` scales every lesion's amplitude (1.0 = clearly visible). The output is
     byte-for-byte identical for the same arguments, whatever ``workers``. ``out`` must not exist
     or be empty, so a stale file from another run can never mix in.
+
+    ``style`` ``film`` writes digitised screen-film mammograms shaped like CBIS-DDSM instead of
+    digital exams: one image per patient and study, Secondary Capture class with Modality MG,
+    16-bit MONOCHROME2 without VOI or ViewPosition (the view only in SeriesDescription, e.g.
+    ``LEFT_CC``), each image its own size around ``size`` with an odd width; ``mixed`` then
+    alternates RLE and JPEG 2000. ``patients`` is then the number of images.
 
     ``workers`` > 1 uses a "spawn" process pool (safe next to torch and OpenCV threads), so a
     calling script needs the usual ``if __name__ == "__main__":`` guard.
@@ -76,6 +90,12 @@ def generate_dataset(
         raise ValueError(f"patients must be >= 1, got {patients}")
     if not 0.0 <= cancer_rate <= 1.0:
         raise ValueError(f"cancer_rate must be in [0, 1], got {cancer_rate}")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    if size is None:
+        size = DEFAULT_SIZES[style]
+    if transfer_syntax is None:
+        transfer_syntax = DEFAULT_TRANSFER_SYNTAXES[style]
     if len(size) != 2 or min(size) < MIN_SIZE:
         raise ValueError(f"size must be (rows, columns) with both >= {MIN_SIZE}, got {size}")
     if workers < 1:
@@ -88,17 +108,22 @@ def generate_dataset(
     size = (int(size[0]), int(size[1]))
 
     plans = plan_dataset(
-        patients=patients, seed=seed, cancer_rate=cancer_rate, size=size, transfer_syntax=transfer_syntax
+        patients=patients,
+        seed=seed,
+        cancer_rate=cancer_rate,
+        size=size,
+        transfer_syntax=transfer_syntax,
+        style=style,
     )
     out.mkdir(parents=True, exist_ok=True)
-    logger.info("generating %d synthetic patients into %s (%d workers)", patients, out, workers)
+    logger.info("generating %d synthetic %s patients into %s (%d workers)", patients, style, out, workers)
     if workers == 1:
-        results = [_render_patient(plan, out, size, lesion_contrast) for plan in plans]
+        results = [_render_patient(plan, out, lesion_contrast) for plan in plans]
     else:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             n = len(plans)
-            results = list(pool.map(_render_patient, plans, [out] * n, [size] * n, [lesion_contrast] * n))
+            results = list(pool.map(_render_patient, plans, [out] * n, [lesion_contrast] * n))
 
     rows = [row for r in results for row in r.rows]
     _write_csv(out / CSV_NAME, RSNA_COLUMNS, rows)
@@ -111,14 +136,33 @@ def generate_dataset(
         n_cancer_breasts=sum(r.n_cancer_breasts for r in results),
         transfer_syntaxes=used,
     )
-    _write_readme(out, summary, seed, cancer_rate, size, transfer_syntax, lesion_contrast)
+    _write_readme(out, summary, seed, cancer_rate, size, transfer_syntax, lesion_contrast, style)
     logger.info("wrote %d images, %d cancer breasts", summary.n_images, summary.n_cancer_breasts)
     return summary
 
 
-def _render_patient(
-    plan: PatientPlan, out: Path, size: tuple[int, int], lesion_contrast: float
-) -> _PatientOutput:
+def _render_image(plan: PatientPlan, image: ImagePlan, lesion_contrast: float) -> RenderedView:
+    """The pixels and ground truth of one planned image, in its style."""
+    breast = plan.breast(image.laterality)
+    render = render_film_view if image.film else render_view
+    return render(
+        np.random.default_rng(list(image.tissue_seed)),
+        laterality=image.laterality,
+        view=image.view,
+        size=image.size,
+        density=plan.density,
+        lesions=breast.lesions,
+        anatomy=breast.anatomy,
+        bits_stored=plan.machine.bits_stored,
+        lesion_contrast=lesion_contrast,
+        label=f"{image.laterality} {image.view}" if image.label else None,
+        label_corner=image.label_corner,
+        border=image.border,
+        detector_rng=np.random.default_rng(list(image.detector_seed)),
+    )
+
+
+def _render_patient(plan: PatientPlan, out: Path, lesion_contrast: float) -> _PatientOutput:
     """Render and write every image of one patient; return its csv rows."""
     rows: list[list[str]] = []
     lesion_rows: list[list[str]] = []
@@ -126,28 +170,14 @@ def _render_patient(
     machine = plan.machine
     for image in plan.images:
         breast = plan.breast(image.laterality)
-        view = render_view(
-            np.random.default_rng(list(image.tissue_seed)),
-            laterality=image.laterality,
-            view=image.view,
-            size=size,
-            density=plan.density,
-            lesions=breast.lesions,
-            anatomy=breast.anatomy,
-            bits_stored=machine.bits_stored,
-            lesion_contrast=lesion_contrast,
-            label=f"{image.laterality} {image.view}" if image.label else None,
-            label_corner=image.label_corner,
-            border=image.border,
-            detector_rng=np.random.default_rng(list(image.detector_seed)),
-        )
+        view = _render_image(plan, image, lesion_contrast)
         ds = make_dicom(
             view.pixels,
             patient_id=str(plan.patient_id),
             study_uid=plan.study_uid,
             laterality=image.laterality,
             view=image.view,
-            bits_stored=machine.bits_stored,
+            bits_stored=view.bits_stored,
             photometric=machine.photometric,
             voi=image.voi,
             transfer_syntax=image.transfer_syntax,
@@ -162,6 +192,9 @@ def _render_patient(
             implant=plan.implant,
             model_name=machine.model_name,
             breast_mask=view.breast_mask,
+            film=image.film,
+            view_text=image.view_text or None,
+            laterality_keyword=image.laterality_keyword or None,
         )
         write_dicom(ds, out / IMAGES_DIR / str(plan.patient_id) / f"{image.image_id}.dcm")
         used.add(image.transfer_syntax)
@@ -222,8 +255,10 @@ def _write_readme(
     size: tuple[int, int],
     transfer_syntax: str,
     lesion_contrast: float,
+    style: str,
 ) -> None:
     mixed = " (one of the others per image)" if transfer_syntax == MIXED else ""
+    style_arg = f" style={style}" if style != DIGITAL else ""
     text = f"""MammoNode synthetic screening mammography phantoms
 ==================================================
 
@@ -232,7 +267,7 @@ NOT PATIENT DATA. Every image is a computer-generated phantom made by MammoNode'
 DICOM node without shipping real mammograms. Models trained on it are research demos only.
 
 Arguments: patients={summary.n_patients} seed={seed} cancer_rate={cancer_rate} size={size[0]}x{size[1]}
-transfer_syntax={transfer_syntax}{mixed} lesion_contrast={lesion_contrast}
+transfer_syntax={transfer_syntax}{mixed} lesion_contrast={lesion_contrast}{style_arg}
 Result: {summary.n_images} images, {summary.n_cancer_breasts} cancer breasts,
 transfer syntaxes used: {", ".join(summary.transfer_syntaxes)}.
 The same arguments always give byte-identical files.
@@ -253,5 +288,13 @@ Beyond RSNA:
 
 Orientation: right breasts have the chest wall on the left of the image, left breasts on the
 right. Some images carry burned-in labels or a bright collimator strip away from the breast.
+"""
+    if style == FILM:
+        text += """
+Style film (digitised screen-film, shaped like CBIS-DDSM): every image is its own patient and
+study, a Secondary Capture (Conversion Type DF) with Modality MG, 16-bit MONOCHROME2, no VOI
+and no ViewPosition; the view is only in SeriesDescription (LEFT_CC, L CC, L-MLO, ...), the
+side in Laterality or ImageLaterality. Sizes vary around the nominal size, widths are odd;
+"mixed" alternates RLE and JPEG 2000.
 """
     (out / "README.txt").write_text(text, encoding="utf-8")

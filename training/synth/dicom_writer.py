@@ -3,8 +3,8 @@ Secondary Capture.
 
 The files look like what a mammography unit or a PACS sends, including the variations the node
 must cope with (MONOCHROME1, 12/14 bits, VOI variants, compressed transfer syntaxes, mammograms
-wrapped as Secondary Capture with the view only in free text). They pass ``dciodvfy`` without
-errors.
+wrapped as Secondary Capture with the view only in free text, digitised films). They pass
+``dciodvfy`` without errors.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 MANUFACTURER = "MammoNode synthetic phantom"
 PHOTOMETRICS: tuple[str, ...] = ("MONOCHROME2", "MONOCHROME1")
+LATERALITY_KEYWORDS: tuple[str, ...] = ("Laterality", "ImageLaterality")
+FILM_COMMENT = "Digitised screen-film mammogram (synthetic phantom)"
 
 # SNOMED CT codes of the Mammography Image module (CID 4014 view, CID 4031 region).
 VIEW_CODES: dict[str, tuple[str, str]] = {
@@ -75,6 +77,9 @@ def make_dicom(
     pixel_spacing_mm: float | None = None,
     window: tuple[float, float] | None = None,
     breast_mask: np.ndarray | None = None,
+    film: bool = False,
+    view_text: str | None = None,
+    laterality_keyword: str | None = None,
 ) -> Dataset:
     """A complete DICOM dataset (with File Meta) holding ``pixels``.
 
@@ -88,8 +93,18 @@ def make_dicom(
     no VOI, no ViewPosition and say the view only in SeriesDescription ("L MLO"), with
     ``Laterality`` instead of ``ImageLaterality``. UIDs not given are derived from ``study_uid``.
     Write the result with :func:`write_dicom`.
+
+    ``film`` makes a digitised screen-film mammogram (CBIS-DDSM-like): a Secondary Capture (so
+    ``secondary_capture`` is implied) with Conversion Type ``DF``. ``view_text`` replaces the
+    SeriesDescription (e.g. ``LEFT_CC``); ``laterality_keyword`` (``Laterality`` or
+    ``ImageLaterality``) chooses the tag that carries the side, by default the one of the class.
     """
+    secondary_capture = secondary_capture or film
     _check(pixels, patient_id, study_uid, laterality, view, bits_stored, photometric, voi, transfer_syntax)
+    if laterality_keyword is not None and laterality_keyword not in LATERALITY_KEYWORDS:
+        raise ValueError(
+            f"laterality_keyword must be one of {LATERALITY_KEYWORDS}, got {laterality_keyword!r}"
+        )
     maxval = (1 << bits_stored) - 1
     monochrome1 = photometric == "MONOCHROME1"
     stored = (maxval - pixels).astype(np.uint16) if monochrome1 else pixels.astype(np.uint16)
@@ -119,13 +134,14 @@ def make_dicom(
     ds.AccessionNumber = ""
     ds.Modality = "MG"
     if secondary_capture:
-        ds.ConversionType = "WSD"
+        # Digitised film (DF) or a workstation re-export (WSD) of a digital image.
+        ds.ConversionType = "DF" if film else "WSD"
     else:
         ds.PresentationIntentType = "FOR PRESENTATION"
     ds.Manufacturer = MANUFACTURER
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = "Screening mammography (synthetic phantom)"
-    ds.SeriesDescription = f"{laterality} {view}"
+    ds.SeriesDescription = view_text if view_text is not None else f"{laterality} {view}"
     ds.ManufacturerModelName = model_name
     ds.PatientName = f"SYNTHETIC^PATIENT{patient_id}"
     ds.PatientID = patient_id
@@ -148,10 +164,9 @@ def make_dicom(
     ds.SeriesNumber = series_number
     ds.InstanceNumber = instance_number
     ds.PatientOrientation = list(PATIENT_ORIENTATION[(laterality, view)])
-    if secondary_capture:
-        ds.Laterality = laterality
-    else:
-        ds.ImageLaterality = laterality
+    if laterality_keyword is None:
+        laterality_keyword = "Laterality" if secondary_capture else "ImageLaterality"
+    setattr(ds, laterality_keyword, laterality)
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
     ds.Rows = rows
@@ -161,6 +176,8 @@ def make_dicom(
     ds.HighBit = bits_stored - 1
     ds.PixelRepresentation = 0
     ds.BurnedInAnnotation = "YES" if burned_in_annotation else "NO"
+    if film:
+        ds.ImageComments = FILM_COMMENT
     if not secondary_capture:
         ds.PixelIntensityRelationship = "LOG"
         ds.PixelIntensityRelationshipSign = -1 if monochrome1 else 1

@@ -4,6 +4,11 @@ Real archives send mammograms in all of these, and the RSNA set itself mixes JPE
 Lossless; the node and the preprocessing must decode every one bit-exactly. pydicom encodes JPEG
 2000 (pylibjpeg/openjpeg), JPEG-LS (pyjpegls) and RLE; it has no JPEG Lossless encoder, so that
 one is made with GDCM's codec, in memory, from the raw frame.
+
+Every encoder is named explicitly (design invariant 8), never "the first plugin pydicom finds":
+with python-gdcm installed that would be GDCM's RLE encoder, which aborts the process on any odd
+Rows x Columns. GDCM's JPEG Lossless encoder is the one GDCM codec used, and it encodes odd and
+1-pixel frames cleanly (pinned by tests/inference/test_codecs_odd_sizes.py in child processes).
 """
 
 from __future__ import annotations
@@ -32,7 +37,20 @@ TRANSFER_SYNTAXES: dict[str, str] = {
 
 MIXED = "mixed"
 
+FILM_MIXED_SYNTAXES: tuple[str, ...] = ("jpeg2000", "rle")
+"""What ``mixed`` alternates between in the ``film`` style: RLE, as CBIS-DDSM is stored, and JPEG
+2000, the other lossless syntax archives commonly hold (and the one the GPU path decodes)."""
+
+MIN_FRAME_SIDE: dict[str, int] = {"jpeg2000": 32, "jpegls": 32}
+"""Smallest rows and columns each syntax can encode; the others encode any size, even 1 x 1.
+
+openjpeg needs 32 pixels a side for its 6 resolution levels, and pyjpegls's output buffer is too
+small for a tiny frame that does not compress; both fail cleanly, and so do we, up front, with a
+message naming the limit. Real mammograms (and the phantoms, see ``MIN_SIZE``) are far larger.
+"""
+
 _PYDICOM_PLUGINS: dict[str, str] = {"jpeg2000": "pylibjpeg", "jpegls": "pyjpegls", "rle": "pylibjpeg"}
+"""The encoder plugin of each syntax pydicom encodes (see the module docstring: never gdcm)."""
 
 
 def check_transfer_syntax(name: str) -> None:
@@ -45,11 +63,15 @@ def encode_pixels(ds: Dataset, pixels: np.ndarray, name: str) -> None:
     """Store ``pixels`` (uint16, already as they must be stored) in ``ds`` with syntax ``name``.
 
     ``ds`` must carry the Image Pixel module and a ``file_meta``; its TransferSyntaxUID is set.
+    Frames smaller than :data:`MIN_FRAME_SIDE` of the syntax are refused with a ValueError.
     """
     if name not in TRANSFER_SYNTAXES:
         raise ValueError(f"transfer syntax must be one of {list(TRANSFER_SYNTAXES)}, got {name!r}")
     if pixels.dtype != np.uint16 or pixels.ndim != 2:
         raise ValueError(f"pixels must be a 2-D uint16 array, got {pixels.dtype} {pixels.shape}")
+    side = MIN_FRAME_SIDE.get(name, 1)
+    if min(pixels.shape) < side:
+        raise ValueError(f"{name} needs at least {side} rows and columns, got {pixels.shape}")
     pixels = np.ascontiguousarray(pixels)
     uid = UID(TRANSFER_SYNTAXES[name])
     if name == "explicit":

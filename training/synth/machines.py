@@ -52,3 +52,11 @@ VOI_CYCLE: tuple[str, ...] = (
     "sigmoid",
     "linear",
 )
+
+FILM_MACHINES: tuple[Machine, ...] = (
+    Machine(301, 1, "Phantom Lumisys 200 film digitiser", 16, "MONOCHROME2", 0.50, 0.05),
+    Machine(302, 1, "Phantom Howtek 960 film digitiser", 16, "MONOCHROME2", 0.40, 0.10),
+    Machine(303, 1, "Phantom DBA M2100 film digitiser", 16, "MONOCHROME2", 0.60, 0.05),
+)
+"""Film digitisers of the ``film`` style (CBIS-DDSM-like): screen-film mammograms scanned to
+16-bit MONOCHROME2, no VOI. Site 1, so density and BIRADS are filled in as for RSNA site 1."""
