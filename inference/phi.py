@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import re
+import traceback
 from collections.abc import Iterable
+from pathlib import Path
 
 REDACTED = "<value>"
 MAX_CHARS = 500
@@ -66,3 +68,10 @@ def quiet_value_checks() -> None:
     from pydicom import config
 
     config.settings.reading_validation_mode = config.IGNORE
+
+
+def where(exc: BaseException) -> str:
+    """Where an exception was raised, frame by frame (file, line, function), for a debug log:
+    locations only, no source text and no message, so nothing of the data can appear."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))

@@ -24,6 +24,7 @@ from inference.bundled import resolve_model_dir
 from inference.dicom_io import is_mammogram, read_dataset, read_meta
 from inference.jsonsafe import dumps
 from inference.overlay import save_png
+from inference.phi import scrub
 from inference.pipeline import Pipeline, PreparedImage, StudyOutputs
 from inference.pixel_pool import PixelPool, usable_cpus
 from inference.rendering import EncodedObject
@@ -141,7 +142,7 @@ def score_files(
         if item.error is not None:
             if not isinstance(item.error, InputError):
                 raise item.error
-            failed[item.source] = str(item.error)
+            failed[item.source] = scrub(str(item.error))
         else:
             assert item.prepared is not None and item.score is not None
             images[key].append((item.prepared, item.score))

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
+from inference.phi import scrub
 from inference.types import MammoNodeError
 from node import audit
 from node.db.models import Job, OutputObject, Study, Transmission, utcnow
@@ -100,7 +101,7 @@ def list_items(session: Session, state: str | None = None) -> list[QueueItem]:
             state=t.state,
             attempts=t.attempts,
             next_attempt_at=t.next_attempt_at if t.state in ("pending", "failed") else None,
-            last_error=t.last_error,
+            last_error=scrub(t.last_error) if t.last_error else None,
         )
         for t, kind, study_uid in session.execute(tx_stmt)
     ]
@@ -118,7 +119,7 @@ def list_items(session: Session, state: str | None = None) -> list[QueueItem]:
             state=j.state,
             attempts=j.attempts,
             next_attempt_at=None,
-            last_error=j.error,
+            last_error=scrub(j.error) if j.error else None,
         )
         for j in session.scalars(job_stmt)
     )

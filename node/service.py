@@ -24,6 +24,8 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from inference.phi import describe, quiet_value_checks, where
+from inference.pixel_pool import limit_heap_growth
 from node import audit
 from node.config import NodeConfig
 from node.db.session import make_engine, session_factory
@@ -79,6 +81,8 @@ class Node:
         from node.dicom.scp import start_scp
 
         config = self.config
+        limit_heap_growth()  # decoded mammograms pass through: keep them out of a heap that never shrinks
+        quiet_value_checks()  # pydicom would log invalid values it reads, quoting them
         # pynetdicom narrates every association at INFO and dumps datasets (names, IDs) at DEBUG:
         # application logs carry no PHI, so its messages start at WARNING here.
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -204,12 +208,15 @@ class Node:
             try:
                 busy = round_() > 0
                 last_error, repeats = "", 0
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - logged; the loop must keep serving
                 busy = False
-                text = f"{type(exc).__name__}: {exc}"
+                text = describe(exc)  # exception texts may quote DICOM values (invariant 10)
                 now = time.monotonic()
                 if text != last_error:
-                    log.exception("%s round failed; retrying every %.1f s", what, self.config.poll_seconds)
+                    log.error(
+                        "%s round failed; retrying every %.1f s: %s", what, self.config.poll_seconds, text
+                    )
+                    log.debug("%s round failed at %s", what, where(exc))
                     last_error, last_logged, repeats = text, now, 0
                 else:
                     repeats += 1

@@ -25,7 +25,6 @@ import functools
 import logging
 import os
 import socket
-import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from inference.aggregation import aggregate_studies
 from inference.dicom_io import read_dataset, read_meta
-from inference.phi import describe, scrub
+from inference.phi import describe, scrub, where
 from inference.pipeline import Pipeline, PreparedImage, StudyOutputs, prepare_image
 from inference.pixel_pool import PixelPool, release_memory, shared_pool
 from inference.rendering import EncodedObject
@@ -584,7 +583,7 @@ class Worker:
                 return
             study = session.get(Study, job.study_id)
             error = describe(exc, [study.patient_id] if study is not None else [])[:MAX_ERROR_CHARS]
-            log.debug("job %d failed in:\n%s", job_id, "".join(traceback.format_tb(exc.__traceback__)))
+            log.debug("job %d failed at %s", job_id, where(exc))
             job.error = error
             if transient:
                 delay = transient_delay(job.retries)

@@ -39,7 +39,23 @@ def test_a_repeating_failure_is_logged_once_and_a_new_one_again(
     assert not thread.is_alive() and calls >= 70  # it kept polling through both faults
     logged = [r for r in caplog.records if r.name == "node.service"]
     assert len(logged) == 2, [r.getMessage() for r in logged]
-    assert [str(r.exc_info[1]) for r in logged if r.exc_info] == [
-        "model folder missing",
-        "database unreachable",
+    assert [r.getMessage().rsplit(": ", 2)[-2:] for r in logged] == [
+        ["RuntimeError", "model folder missing"],
+        ["OSError", "database unreachable"],
     ]
+    assert not any(r.exc_info for r in logged)  # no traceback text: it could quote a DICOM value
+
+
+def test_a_failure_quoting_a_value_is_logged_without_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = Node(NodeConfig(data_dir=tmp_path, poll_seconds=0.01))
+
+    def round_() -> int:
+        node._stop.set()
+        raise ValueError("Invalid value for VR DA: 'PHIPROBE-DOB'")
+
+    caplog.set_level(logging.DEBUG)
+    node._loop("scoring", round_)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Invalid value for VR DA" in text and "PHIPROBE" not in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -240,6 +241,47 @@ def test_an_unreadable_spooled_image_is_skipped_and_the_rest_scored(
     assert sr.CompletionFlag == "PARTIAL"
     texts = [str(item.get("TextValue", "")) for item in sr.ContentSequence[-1].ContentSequence]
     assert any(broken_uid in text and "truncated" in text for text in texts), texts
+
+
+def test_patient_attributes_that_cannot_be_copied_are_left_out_not_fatal(
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    test_model: Path,
+    studies: dict[str, list[Path]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A modality that writes a Patient's Name with VR FD or a birth date of ``PHIPROBE-DOB``
+    still gets its study scored: the bad values stay out of the outputs and out of every log line."""
+    from pydicom import config
+    from pydicom.dataelem import DataElement
+
+    bad = []
+    for index, source in enumerate(studies["a"]):
+        ds = dcmread(source)
+        if index == 0:
+            del ds.PatientName
+            ds.add(DataElement(0x00100010, "FD", 3.25))
+        ds.add(DataElement(0x00100030, "DA", "PHIPROBE-DOB", validation_mode=config.IGNORE))
+        path = tmp_path / "bad" / source.name
+        path.parent.mkdir(exist_ok=True)
+        ds.save_as(path)
+        bad.append(path)
+    node_config = _config(tmp_path, test_model)
+    (job_id,) = _queue(sessions, node_config, bad)
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+
+    assert Worker(node_config, sessions).run_once() == 1
+
+    assert _job(sessions, job_id).state == "done"
+    outputs = _outputs(sessions, job_id)
+    assert sorted(o.kind for o in outputs) == ["SC"] * 4 + ["SR"]
+    for output in outputs:
+        ds = dcmread(node_config.outbox_dir / output.outbox_path)
+        assert "PHIPROBE" not in str(ds.get("PatientBirthDate", ""))
+        assert ds.PatientID == "P-A"  # what could be copied was copied
+    assert "PHIPROBE" not in caplog.text
+    assert "left out of the results: PatientName, PatientBirthDate" in caplog.text
 
 
 def test_a_study_with_no_readable_image_ends_skipped_without_outputs(
