@@ -23,6 +23,7 @@ from typing import Any
 
 import pydicom
 import typer
+from pydicom.pixels import pixel_array
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
@@ -162,7 +163,8 @@ def score_over_network(files: list[Path], out: Path, model_dir: Path) -> int:
         for path in sorted(paths):
             written[path.parent.name].append(str(path))
             if path.parent.name == "sc":
-                png = save_png(pydicom.dcmread(path).pixel_array, out / "png" / f"{path.stem}.png")
+                # The node's own RLE captures, decoded by pydicom's RLE decoder (never whatever comes first).
+                png = save_png(pixel_array(path, decoding_plugin="pydicom"), out / "png" / f"{path.stem}.png")
                 written["png"].append(str(png))
     by_uid = {row["study_uid"]: row for row in rows}
     manifest = load_manifest(model_dir)
