@@ -26,6 +26,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from inference.phi import scrub
 from inference.types import UNKNOWN, ImageMeta, InputError
 from inference.uids import is_valid_uid
 
@@ -567,6 +568,6 @@ def _optional_float(ds: Dataset, keyword: str, default: float) -> float:
 
 
 def _brief(exc: BaseException) -> str:
-    """One line, bounded, for error messages built from library exceptions."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:200]
+    """One line, bounded and scrubbed of quoted values, for messages built from library
+    exceptions (they quote DICOM values, which may be patient data)."""
+    return scrub(str(exc), limit=200) or type(exc).__name__

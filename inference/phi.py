@@ -58,6 +58,17 @@ class ScrubFilter(logging.Filter):
         return True
 
 
+def scrub_library_logs() -> None:
+    """Install :class:`ScrubFilter` where library records pass: on the ``pydicom`` logger itself
+    (it logs under that one name, so its records are scrubbed whatever handler takes them) and
+    on the root logger's handlers (highdicom and pynetdicom log under module names). Idempotent;
+    the CLI, the node and the SCP call it at start."""
+    targets: list[logging.Filterer] = [logging.getLogger("pydicom"), *logging.getLogger().handlers]
+    for target in targets:
+        if not any(isinstance(f, ScrubFilter) for f in target.filters):
+            target.addFilter(ScrubFilter())
+
+
 def quiet_value_checks() -> None:
     """Read DICOM without pydicom's per-value validation warnings, which quote the value.
 

@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from inference.phi import ScrubFilter, quiet_value_checks
+from inference.phi import quiet_value_checks, scrub_library_logs
 from inference.types import MammoNodeError
 
 log = logging.getLogger("mammonode")
@@ -140,8 +140,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it narrates every module it copies
     logging.captureWarnings(True)  # library warnings may quote DICOM values: scrubbed like logs
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(ScrubFilter())
+    scrub_library_logs()
     quiet_value_checks()
     try:
         result = app(standalone_mode=False)

@@ -124,6 +124,10 @@ class NodeConfig:
     """``cpu`` (pydicom + OpenCV) or ``dali`` (DALI on ``device``; CPU mode without a GPU)."""
     batch_size: int = 8
     max_pdu: int = 1_048_576
+    max_associations: int = 10
+    """Associations served at once; one more is rejected (A-ASSOCIATE-RJ, transient)."""
+    max_image_pixels: int = 50_000_000
+    """Largest Rows x Columns accepted at receipt (a 4700 x 2900 mammogram is 14 million)."""
     retry_initial_seconds: float = 30.0
     retry_max_seconds: float = 1800.0
     retry_max_age_hours: float = 24.0
@@ -144,6 +148,8 @@ class NodeConfig:
             raise ConfigError(f"preprocessing must be cpu or dali, not {self.preprocessing!r}")
         if self.batch_size < 1 or self.max_pdu < 0:
             raise ConfigError("batch_size must be >= 1 and max_pdu >= 0")
+        if self.max_associations < 1 or self.max_image_pixels < 1:
+            raise ConfigError("max_associations and max_image_pixels must be >= 1")
         if not 0 < self.retry_initial_seconds <= self.retry_max_seconds or self.retry_max_age_hours <= 0:
             raise ConfigError("need 0 < retry_initial_seconds <= retry_max_seconds, retry_max_age_hours > 0")
         for view in self.expected_views:
@@ -205,7 +211,7 @@ def _env_name(name: str) -> str:
 def _coerce(name: str, value: Any, *, from_env: bool) -> Any:
     """Turn a TOML value or an environment string into the field's type."""
     try:
-        if name in ("port", "batch_size", "max_pdu"):
+        if name in ("port", "batch_size", "max_pdu", "max_associations", "max_image_pixels"):
             return int(value)
         if name in (
             "study_quiet_seconds",

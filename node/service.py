@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from inference.phi import describe, quiet_value_checks, where
+from inference.phi import describe, quiet_value_checks, scrub_library_logs, where
 from inference.pixel_pool import limit_heap_growth
 from node import audit
 from node.config import NodeConfig
@@ -83,6 +83,7 @@ class Node:
         config = self.config
         limit_heap_growth()  # decoded mammograms pass through: keep them out of a heap that never shrinks
         quiet_value_checks()  # pydicom would log invalid values it reads, quoting them
+        scrub_library_logs()
         # pynetdicom narrates every association at INFO and dumps datasets (names, IDs) at DEBUG:
         # application logs carry no PHI, so its messages start at WARNING here.
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)

@@ -19,22 +19,26 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pydicom
-from pydicom.dataelem import RawDataElement
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.tag import ItemTag, Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from inference.dicom_io import DX_MAMMO_FOR_PROCESSING, MAX_PIXELS, is_mammogram, read_meta
+from inference.dicom_io import DX_MAMMO_FOR_PROCESSING, is_mammogram, read_meta
+from inference.phi import scrub
 from inference.types import UNKNOWN, ImageMeta, InputError
 from inference.uids import is_valid_uid
 from node import audit
 from node.db.models import Breast, Instance, Study, utcnow
+from node.dicom import codestream
 from node.dicom.spool import InvalidUIDError
 
 log = logging.getLogger(__name__)
@@ -47,8 +51,6 @@ HEADER_DEFER_BYTES = 64 * 1024
 
 PIXEL_DATA = Tag("PixelData")
 UNDEFINED_LENGTH = 0xFFFFFFFF
-_ITEM_TAG_LE = struct.pack("<HH", ItemTag.group, ItemTag.element)
-_ITEM_TAG_BE = struct.pack(">HH", ItemTag.group, ItemTag.element)
 TAG_ERRORS = (
     ValueError,
     TypeError,
@@ -61,6 +63,35 @@ TAG_ERRORS = (
 )
 """What pydicom raises when a raw element's bytes cannot be converted to a value."""
 _UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_US_TAGS = frozenset(Tag(k) for k in ("SamplesPerPixel", "Rows", "Columns", "BitsAllocated", "BitsStored"))
+"""Image Pixel attributes the checks compute with; they must arrive as one US value."""
+_REQUIRED_TAGS = (
+    frozenset(
+        Tag(k)
+        for k in (*_UID_KEYWORDS, "SpecificCharacterSet", "PhotometricInterpretation", "NumberOfFrames")
+    )
+    | _US_TAGS
+)
+"""Elements the node cannot do without: unreadable, the instance is refused (MALFORMED_ELEMENT)."""
+_IDENTIFYING_TAGS = tuple(
+    Tag(k)
+    for k in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientBirthTime",
+        "OtherPatientIDs",
+        "OtherPatientNames",
+        "PatientBirthName",
+        "PatientMotherBirthName",
+        "PatientAddress",
+        "PatientTelephoneNumbers",
+        "ReferringPhysicianName",
+    )
+)
+"""Values scrubbed from every log line about the instance (design invariant 10)."""
+_NAME_PARTS = re.compile(r"[\\^=]+")
+_MIN_KNOWN_CHARS = 3
 
 
 class SOPClassMismatchError(InputError):
@@ -70,6 +101,27 @@ class SOPClassMismatchError(InputError):
 class PixelDataError(InputError):
     """Pixel data missing, truncated, not encapsulated as its transfer syntax requires, or with
     absurd dimensions."""
+
+
+class ImageTooLargeError(PixelDataError):
+    """Rows x Columns exceeds the configured ``max_image_pixels``."""
+
+
+class MalformedElementError(InputError):
+    """An element the node needs is encoded wrongly (wrong VR, impossible length, unconvertible)."""
+
+
+@dataclass
+class Receipt:
+    """What :func:`examine` learned about one received instance, filled in as checks pass."""
+
+    known: tuple[str, ...] = ()
+    """Identifying values as received: scrubbed from log lines and audit reasons."""
+    patient_id: str | None = None
+    uids: InstanceUIDs | None = None
+    info: InstanceInfo | None = None
+    ignored: tuple[str, ...] = field(default=())
+    """Tags of unreadable elements the node does not need, left out of the header."""
 
 
 @dataclass(frozen=True)
@@ -107,26 +159,179 @@ class Registration:
     """It sent an already queued/scored study back to ``receiving``."""
 
 
+def examine(
+    data: bytes,
+    *,
+    transfer_syntax: str,
+    context_sop_class: str,
+    affected_sop_instance: str,
+    max_pixels: int,
+    receipt: Receipt | None = None,
+) -> Receipt:
+    """Every receipt check of one received instance, in the order the SCP runs them.
+
+    Parses the bytes (pixel data left unread), reads the header, checks the UIDs, the SOP class
+    against the presentation context and the C-STORE request, the pixel data against the bytes
+    and the code stream against the header, then classifies. Pass ``receipt`` to keep what was
+    learned before a check failed (the patient ID for the audit entry, the values to scrub from
+    log lines); it is filled in as the checks pass and returned. Raises an :class:`InputError`
+    subclass (a named status) for anything unusable; nothing is decoded.
+    """
+    receipt = Receipt() if receipt is None else receipt
+    ds = parse_encoded(data)
+    receipt.known = identifying_values(ds)
+    read = read_header(ds, data)
+    receipt.ignored = read.ignored
+    header = read.dataset
+    receipt.patient_id = tag_text(header, "PatientID")[:64] or None
+    uids = check_uids(header)
+    receipt.uids = uids
+    check_sop_class(uids, context_sop_class)
+    if affected_sop_instance != uids.sop_instance:
+        raise InputError("SOP Instance UID differs from the C-STORE request's Affected SOP Instance UID")
+    check_pixel_data(ds, header, data, transfer_syntax, max_pixels=max_pixels)
+    receipt.info = classify(header)
+    return receipt
+
+
 def parse_encoded(data: bytes) -> Dataset:
     """Parse a received DICOM Part 10 stream, leaving large values (pixel data) unread.
 
     The returned dataset keeps its buffer, so a deferred element can still be read on purpose;
-    :func:`header_of` gives the part before the pixel data that the node looks at.
+    :func:`read_header` gives the part before the pixel data that the node looks at.
     """
     try:
         ds = pydicom.dcmread(io.BytesIO(data), defer_size=HEADER_DEFER_BYTES)
-    except Exception as exc:
-        raise InputError(f"cannot parse the received dataset: {_brief(exc)}") from exc
+    except Exception as exc:  # pydicom raises many types on hostile bytes; all mean unparsable
+        _refuse_cut_pixel_data(data)
+        raise InputError(f"cannot parse the received dataset: {scrub(str(exc), limit=200)}") from exc
     if not len(ds):
+        _refuse_cut_pixel_data(data)
         raise InputError("the received dataset has no data elements")
     return ds
 
 
-def header_of(ds: Dataset) -> Dataset:
-    """The elements before Pixel Data, with the file meta: stop-before-pixels semantics."""
-    header = ds[:PIXEL_DATA]
+def _refuse_cut_pixel_data(data: bytes) -> None:
+    """PixelDataError when the header parses and only what follows does not.
+
+    pydicom gives up on the whole dataset when encapsulated pixel data ends before its
+    sequence delimiter (a file cut inside a fragment); the header read alone tells that case
+    apart from bytes that are not a dataset at all.
+    """
+    try:
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - the header is unparsable too: the caller's error stands
+        return
+    if len(header):
+        raise PixelDataError("the pixel data cannot be parsed: the received bytes end inside it")
+
+
+def identifying_values(ds: Dataset) -> tuple[str, ...]:
+    """The patient's identifying values as received (raw bytes decoded as text, their name parts
+    too), for :func:`inference.phi.scrub`: read before any conversion, so an element with a
+    hostile VR (a PatientName sent as FD) is still known and never reaches a log line."""
+    found: set[str] = set()
+    for tag in _IDENTIFYING_TAGS:
+        elem = ds.get_item(tag, keep_deferred=True)
+        value = None if elem is None else elem.value
+        if value is None:
+            continue
+        texts = (
+            {value.decode("latin-1"), value.decode("utf-8", "replace")}
+            if isinstance(value, bytes)
+            else {str(value)}
+        )
+        for text in texts:
+            text = text.strip(" \x00")
+            found.add(text)
+            found.update(_NAME_PARTS.split(text))
+    return tuple(sorted(v.strip(" \x00") for v in found if len(v.strip(" \x00")) >= _MIN_KNOWN_CHARS))
+
+
+@dataclass(frozen=True)
+class Header:
+    """The readable elements before Pixel Data (with the file meta), and what was left out."""
+
+    dataset: Dataset
+    ignored: tuple[str, ...]
+    """Tags of elements that could not be converted and that the node does not need."""
+
+
+def read_header(ds: Dataset, data: bytes) -> Header:
+    """The elements before Pixel Data, converted now, so nothing fails later when read lazily.
+
+    Every element's value must lie inside the received bytes. The Image Pixel attributes the
+    checks rely on must be US of one value (Rows sent as DS is refused, not coerced). An element
+    that cannot be converted (a PatientName with VR FD, an odd-length US) is refused when the node
+    needs it (UIDs, Image Pixel attributes, the character set: :class:`MalformedElementError`)
+    and otherwise left out of the header: the image is still usable, and the spooled file keeps
+    the bytes as received. Values larger than the defer size (big private blobs) are not read.
+    """
+    header = Dataset()
+    ignored: list[str] = []
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag, keep_deferred=True)
+        if isinstance(elem, RawDataElement):
+            _check_inside(elem, data)
+        if tag >= PIXEL_DATA:
+            continue
+        if isinstance(elem, RawDataElement):
+            if tag in _US_TAGS:
+                _check_us(elem)
+            if elem.value is None:  # deferred: too big to be anything the node reads
+                if tag in _REQUIRED_TAGS:
+                    raise MalformedElementError(f"{_tag_name(tag)} has an implausible length {elem.length}")
+                continue
+        try:
+            header.add(_converted(ds, tag))
+        except Exception as exc:  # pydicom raises many types on hostile values; judged below
+            what = f"unreadable {_tag_name(tag)}: {scrub(str(exc), limit=160)}"
+            if tag in _REQUIRED_TAGS:
+                raise MalformedElementError(what) from exc
+            log.debug("leaving out %s", _tag_name(tag))
+            ignored.append(str(tag))
     header.file_meta = ds.file_meta
-    return header
+    return Header(header, tuple(ignored))
+
+
+def _converted(ds: Dataset, tag: BaseTag) -> DataElement:
+    """The element at ``tag`` converted (items of a sequence too, recursively)."""
+    elem = ds[tag]
+    if elem.VR == "SQ":
+        for item in elem.value:
+            for _ in item.iterall():
+                pass
+    return elem
+
+
+def _check_inside(elem: RawDataElement, data: bytes) -> None:
+    """A defined-length value must lie inside the received bytes (the declared length alone
+    proves nothing: pydicom seeks past a deferred value without reading it)."""
+    if elem.length == UNDEFINED_LENGTH:
+        return
+    short = elem.value_tell + elem.length > len(data) if elem.value is None else len(elem.value) < elem.length
+    if short:
+        error = PixelDataError if elem.tag == PIXEL_DATA else MalformedElementError
+        raise error(f"the received bytes end inside {_tag_name(elem.tag)} ({elem.length} bytes declared)")
+
+
+def _check_us(elem: RawDataElement) -> None:
+    """Explicit VR: the VR must be US and the length 2; implicit VR: the length must be 2."""
+    if elem.VR not in (None, "US") or elem.length != 2:
+        vr = elem.VR if elem.VR is not None and elem.VR.isalpha() else "implicit"
+        raise MalformedElementError(
+            f"{_tag_name(elem.tag)} must be one US value, got VR {vr[:2]} of length {elem.length}"
+        )
+
+
+def _tag_name(tag: BaseTag) -> str:
+    keyword = keyword_for_tag(tag)
+    return f"{keyword} {tag}" if keyword else str(tag)
+
+
+def header_of(ds: Dataset, data: bytes) -> Dataset:
+    """:func:`read_header`'s dataset alone (the elements the node reads)."""
+    return read_header(ds, data).dataset
 
 
 def check_uids(header: Dataset) -> InstanceUIDs:
@@ -136,8 +341,8 @@ def check_uids(header: Dataset) -> InstanceUIDs:
     for keyword in _UID_KEYWORDS:
         try:
             raw = header.get(keyword)
-        except Exception as exc:
-            raise InputError(f"unreadable {keyword}: {_brief(exc)}") from exc
+        except Exception as exc:  # a header not made by read_header may hold raw values
+            raise InputError(f"unreadable {keyword}: {type(exc).__name__}") from exc
         text = "" if raw is None else str(raw).strip().strip("\x00").strip()
         if not text:
             raise InputError(f"missing {keyword}")
@@ -159,48 +364,60 @@ def check_sop_class(uids: InstanceUIDs, context_sop_class: str) -> None:
         )
 
 
-def check_pixel_data(ds: Dataset, data: bytes, transfer_syntax: str) -> None:
-    """Cheap plausibility of the image without decoding it.
+def check_pixel_data(
+    ds: Dataset, header: Dataset, data: bytes, transfer_syntax: str, *, max_pixels: int
+) -> None:
+    """The image is usable, checked cheaply from the bytes received, without decoding.
 
-    Native pixel data must hold every frame the header announces; compressed pixel data must be
-    encapsulated (undefined length, starting with an item). Dimensions and layout must be ones a
-    mammogram can have, so a hostile header is refused here rather than when it is scored.
+    Dimensions and layout must be ones the worker decodes, within ``max_pixels``. Native pixel
+    data must lie inside the received bytes and hold every frame the header announces.
+    Compressed pixel data must be a complete item/fragment sequence, and the first frame's
+    code-stream header must agree with Rows, Columns, Samples per Pixel and Bits Allocated
+    (:mod:`node.dicom.codestream`): a 2.5 KB JPEG 2000 claiming 16384 x 16384 is refused here,
+    not when the worker tries to allocate it.
     """
     ts = UID(transfer_syntax)
-    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
-    samples, bits = _int(ds, "SamplesPerPixel") or 1, _int(ds, "BitsAllocated")
-    frames = _int(ds, "NumberOfFrames") or 1
+    rows, cols = _int(header, "Rows"), _int(header, "Columns")
+    samples, bits = _int(header, "SamplesPerPixel") or 1, _int(header, "BitsAllocated")
+    frames = _int(header, "NumberOfFrames") or 1
     if rows <= 0 or cols <= 0:
         raise PixelDataError(f"invalid image size {rows}x{cols}")
-    if rows * cols > MAX_PIXELS:
-        raise PixelDataError(f"image too large: {rows}x{cols} exceeds {MAX_PIXELS} pixels")
-    if samples not in (1, 3) or bits not in (1, 8, 16, 32):
-        raise PixelDataError(f"unsupported pixel layout: {samples} samples of {bits} bits")
+    if rows * cols > max_pixels:
+        raise ImageTooLargeError(f"image too large: {rows}x{cols} exceeds {max_pixels} pixels")
+    if samples not in (1, 3) or bits not in (1, 8, 16, 32) or frames < 1:
+        raise PixelDataError(f"unsupported pixel layout: {samples} samples of {bits} bits, {frames} frame(s)")
     elem = ds.get_item(PIXEL_DATA, keep_deferred=True)
     if elem is None:
         raise PixelDataError("no pixel data (7FE0,0010)")
     if isinstance(elem, RawDataElement):
-        length, head = elem.length, _head(elem, data)
-    else:
-        value = elem.value if isinstance(elem.value, bytes) else b""
-        length = UNDEFINED_LENGTH if elem.is_undefined_length else len(value)
-        head = value[:4]
+        buffer, start, length = data, elem.value_tell, elem.length
+    else:  # converted by someone: its value is all there is
+        buffer = elem.value if isinstance(elem.value, bytes) else b""
+        start, length = 0, UNDEFINED_LENGTH if elem.is_undefined_length else len(buffer)
     if ts.is_compressed:
-        if length != UNDEFINED_LENGTH or head not in (_ITEM_TAG_LE, _ITEM_TAG_BE):
+        if length != UNDEFINED_LENGTH:
             raise PixelDataError(f"pixel data is not encapsulated as {ts.name} requires")
+        enc = codestream.parse_encapsulated(buffer, start)
+        fragments = codestream.first_frame_fragments(enc, frames)
+        codestream.check_frame(
+            ts,
+            codestream.frame_head(buffer, fragments),
+            fragments[0][1],
+            rows=rows,
+            columns=cols,
+            samples=samples,
+            bits_allocated=bits,
+        )
         return
+    if length == UNDEFINED_LENGTH:
+        raise PixelDataError(f"pixel data is encapsulated, but {ts.name} is a native transfer syntax")
+    if start + length > len(buffer):
+        raise PixelDataError(f"the received bytes end inside the pixel data ({length} bytes declared)")
     frame_bytes = (rows * cols * samples * bits + 7) // 8
-    if length == UNDEFINED_LENGTH or length < frame_bytes * frames:
+    if length < frame_bytes * frames:
         raise PixelDataError(
             f"native pixel data is truncated: {length} bytes, {frames} frame(s) need {frame_bytes * frames}"
         )
-
-
-def _head(elem: RawDataElement, data: bytes) -> bytes:
-    """The first four bytes of an element's value, read from the received stream if deferred."""
-    if elem.value is not None:
-        return bytes(elem.value[:4])
-    return data[elem.value_tell : elem.value_tell + 4]
 
 
 def classify(header: Dataset) -> InstanceInfo:
@@ -345,8 +562,3 @@ def _int(ds: Dataset, keyword: str) -> int:
         return int(text) if text else 0
     except ValueError as exc:
         raise PixelDataError(f"invalid {keyword}: {text[:32]!r}") from exc
-
-
-def _brief(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:200]

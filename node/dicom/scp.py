@@ -32,7 +32,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -63,12 +64,13 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from inference.dicom_io import DX_MAMMO_FOR_PRESENTATION, DX_MAMMO_FOR_PROCESSING
+from inference.phi import describe, scrub_library_logs
 from inference.types import InputError
 from inference.uids import is_valid_uid
 from node import audit
 from node.config import AllowedPeer, NodeConfig
 from node.db.models import Association, utcnow
-from node.dicom import intake
+from node.dicom import codestream, intake
 from node.dicom.spool import InvalidUIDError, SpoolFullError, remove_stale_temp_files, write_instance
 from node.dicom.status import DimseStatus, RejectReason, RejectResult, RejectSource
 
@@ -224,6 +226,7 @@ class NodeSCP:
         """The pynetdicom AE: identity, PDU size, timeouts and presentation contexts."""
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_pdu_size = self.config.max_pdu
+        ae.maximum_associations = self.config.max_associations
         ae.acse_timeout = ACSE_TIMEOUT
         ae.dimse_timeout = DIMSE_TIMEOUT
         ae.network_timeout = NETWORK_TIMEOUT
@@ -332,39 +335,48 @@ class NodeSCP:
         """Store one instance; Success only once its file is synced and its row committed."""
         started = time.monotonic()
         context_class = str(event.context.abstract_syntax)
+        receipt = intake.Receipt()
         try:
             if context_class not in STORED_SOP_CLASSES:
                 return self._ignore(event, context_class)
-            return self._store(event, context_class, started)
-        except Exception:
-            log.exception("unexpected error storing an instance of SOP class %s", context_class)
-            return DimseStatus.PROCESSING_FAILURE
+            return self._store(event, context_class, started, receipt)
+        except Exception as exc:  # noqa: BLE001 - a bug: answered, logged without values, audited
+            _log_error(
+                f"unexpected error storing an instance of SOP class {context_class}", exc, receipt.known
+            )
+            status = DimseStatus.PROCESSING_FAILURE
+            self._audit_refusal(event, status, describe(exc, receipt.known, limit=300), receipt)
+            return status
 
-    def _store(self, event: Event, context_class: str, started: float) -> int:
+    def _store(self, event: Event, context_class: str, started: float, receipt: intake.Receipt) -> int:
         transfer_syntax = str(event.context.transfer_syntax)
-        uids: intake.InstanceUIDs | None = None
-        patient_id: str | None = None
         try:
-            data = event.encoded_dataset(include_meta=True)
-            ds = intake.parse_encoded(data)
-            header = intake.header_of(ds)
-            patient_id = _patient_id(header)
-            uids = intake.check_uids(header)
-            intake.check_sop_class(uids, context_class)
-            affected = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
-            if affected != uids.sop_instance:
-                raise InputError(
-                    "SOP Instance UID differs from the C-STORE request's Affected SOP Instance UID"
-                )
-            intake.check_pixel_data(ds, data, transfer_syntax)
-            info = intake.classify(header)
+            data = _received_bytes(event)
+            intake.examine(
+                data,
+                transfer_syntax=transfer_syntax,
+                context_sop_class=context_class,
+                affected_sop_instance=str(getattr(event.request, "AffectedSOPInstanceUID", "") or ""),
+                max_pixels=self.config.max_image_pixels,
+                receipt=receipt,
+            )
+            assert receipt.uids is not None and receipt.info is not None  # examine fills both
+            uids, info = receipt.uids, receipt.info
             rel = write_instance(self.config, uids.study, uids.series, uids.sop_instance, data)
             registration = self._register(event, info, str(rel), len(data), transfer_syntax)
         except (InvalidUIDError, InputError, SpoolFullError, OperationalError) as exc:
             status = _failure_status(exc)
-            log.warning("refused instance %s: %s (%s)", uids.sop_instance if uids else "?", status.name, exc)
-            self._audit_refusal(event, status, str(exc), uids, patient_id)
+            reason = describe(exc, receipt.known, limit=300)
+            sop = receipt.uids.sop_instance if receipt.uids else "?"
+            log.warning("refused instance %s: %s (%s)", sop, status.name, reason)
+            self._audit_refusal(event, status, reason, receipt)
             return status
+        if receipt.ignored:
+            log.info(
+                "instance %s: left out unreadable element(s) %s",
+                uids.sop_instance,
+                ", ".join(receipt.ignored),
+            )
         log.info(
             "stored %s %s (%s, %d bytes%s) in %.0f ms",
             "scorable" if info.scorable else "skipped",
@@ -405,7 +417,8 @@ class NodeSCP:
         """Another storage SOP class, accepted by configuration: audit it, store nothing."""
         header: Dataset | None = None
         with contextlib.suppress(InputError):  # unparsable: the audit entry carries no UIDs
-            header = intake.header_of(intake.parse_encoded(event.encoded_dataset(include_meta=True)))
+            data = _received_bytes(event)
+            header = intake.header_of(intake.parse_encoded(data), data)
         study_uid = _valid_uid_tag(header, "StudyInstanceUID")
         sop_uid = _valid_uid_tag(header, "SOPInstanceUID")
         try:
@@ -422,27 +435,22 @@ class NodeSCP:
                     details={"sop_class_uid": context_class, "reason": "SOP class not stored by the node"},
                 )
                 session.commit()
-        except OperationalError:
-            log.exception("could not audit an ignored instance of SOP class %s", context_class)
+        except OperationalError as exc:
+            _log_error(f"could not audit an ignored instance of SOP class {context_class}", exc)
             return DimseStatus.DATABASE_UNAVAILABLE
         log.info("ignored an instance of SOP class %s (not stored by the node)", context_class)
         return DimseStatus.SUCCESS
 
-    def _audit_refusal(
-        self,
-        event: Event,
-        status: DimseStatus,
-        reason: str,
-        uids: intake.InstanceUIDs | None,
-        patient_id: str | None,
-    ) -> None:
+    def _audit_refusal(self, event: Event, status: DimseStatus, reason: str, receipt: intake.Receipt) -> None:
+        """``instance.rejected`` with the status name and a short scrubbed reason."""
+        uids = receipt.uids
         try:
             with self.sessions() as session:
                 audit.record(
                     session,
                     audit.INSTANCE_REJECTED,
                     ACTOR,
-                    patient_id=patient_id,
+                    patient_id=receipt.patient_id,
                     study_uid=uids.study if uids else None,
                     sop_instance_uid=uids.sop_instance if uids else None,
                     calling_ae=_calling_ae(event.assoc),
@@ -450,8 +458,30 @@ class NodeSCP:
                     details={"status": status.name, "reason": reason[:500]},
                 )
                 session.commit()
-        except SQLAlchemyError:
-            log.exception("could not audit a refused instance")
+        except SQLAlchemyError as exc:
+            _log_error("could not audit a refused instance", exc, receipt.known)
+
+
+def _received_bytes(event: Event) -> bytes:
+    """The dataset as received, with a file meta pynetdicom builds from the request.
+
+    The meta carries the peer's Affected SOP Class/Instance UIDs, so building it can fail on a
+    hostile request: that is the peer's bytes being unusable (InputError), not a node failure.
+    """
+    try:
+        return bytes(event.encoded_dataset(include_meta=True))
+    except Exception as exc:  # pynetdicom/pydicom raise many types on hostile command values
+        raise InputError(f"cannot read the received dataset: {describe(exc, limit=200)}") from exc
+
+
+def _log_error(message: str, exc: BaseException, known: Iterable[str] = ()) -> None:
+    """An error line with the exception scrubbed (invariant 10) and its traceback's frames.
+
+    ``log.exception`` would print the exception's own text, which may quote a patient's value
+    (pydicom, SQLAlchemy parameters); the frames hold only code locations.
+    """
+    frames = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
+    log.error("%s: %s\nTraceback (most recent call last):\n%s", message, describe(exc, known), frames)
 
 
 def _failure_status(exc: Exception) -> DimseStatus:
@@ -460,8 +490,14 @@ def _failure_status(exc: Exception) -> DimseStatus:
         return DimseStatus.INVALID_UID
     if isinstance(exc, intake.SOPClassMismatchError):
         return DimseStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
-    if isinstance(exc, intake.PixelDataError):
+    if isinstance(exc, intake.ImageTooLargeError):
+        return DimseStatus.IMAGE_TOO_LARGE
+    if isinstance(exc, intake.PixelDataError | codestream.FragmentError):
         return DimseStatus.UNUSABLE_PIXEL_DATA
+    if isinstance(exc, codestream.CodestreamError):
+        return DimseStatus.CODESTREAM_MISMATCH
+    if isinstance(exc, intake.MalformedElementError):
+        return DimseStatus.MALFORMED_ELEMENT
     if isinstance(exc, InputError):
         return DimseStatus.CANNOT_UNDERSTAND
     if isinstance(exc, SpoolFullError):
@@ -494,6 +530,7 @@ def start_scp(config: NodeConfig, sessions: sessionmaker[Session]) -> ThreadedAs
     """
     config.spool_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(config)
+    scrub_library_logs()
     scp = NodeSCP(config, sessions)
     ae = scp.build_ae()
     if scp.allow_list.open:

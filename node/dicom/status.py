@@ -27,7 +27,16 @@ class DimseStatus(IntEnum):
     INVALID_UID = 0xC001
     """Cannot understand: a Study/Series/SOP UID is not a valid DICOM UID (e.g. ``../../x``)."""
     UNUSABLE_PIXEL_DATA = 0xC002
-    """Cannot understand: pixel data missing, truncated or with absurd dimensions."""
+    """Cannot understand: pixel data missing, cut short (its value or its fragments run past the
+    received bytes, no sequence delimiter, no fragment) or with an impossible layout."""
+    CODESTREAM_MISMATCH = 0xC003
+    """Cannot understand: the compressed frame is not a code stream of its transfer syntax, or its
+    header disagrees with Rows, Columns, Samples per Pixel or Bits Allocated."""
+    IMAGE_TOO_LARGE = 0xC004
+    """Cannot understand: Rows x Columns exceeds the node's ``max_image_pixels``."""
+    MALFORMED_ELEMENT = 0xC005
+    """Cannot understand: an element the node needs (a UID, an Image Pixel attribute) is encoded
+    wrongly: a wrong VR (Rows as DS) or a length its VR cannot have."""
     PROCESSING_FAILURE = 0x0110
     """An unexpected error inside the node (logged); the instance was not stored."""
     SOP_CLASS_NOT_SUPPORTED = 0x0122

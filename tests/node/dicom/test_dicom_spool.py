@@ -113,7 +113,7 @@ def test_header_is_read_without_loading_pixel_data(syntax: str, tmp_path: Path) 
     path = mammogram(tmp_path, syntax, transfer_syntax=syntax)
     data = _encoded(path)
     ds = intake.parse_encoded(data)
-    header = intake.header_of(ds)
+    header = intake.header_of(ds, data)
     assert (
         "PixelData" not in header
         and header.file_meta.TransferSyntaxUID == load(path).file_meta.TransferSyntaxUID
@@ -121,7 +121,7 @@ def test_header_is_read_without_loading_pixel_data(syntax: str, tmp_path: Path) 
     raw = ds.get_item(intake.PIXEL_DATA, keep_deferred=True)
     if len(data) > 2 * intake.HEADER_DEFER_BYTES:  # big pixel data stays unread (small ones are read)
         assert raw.value is None
-    intake.check_pixel_data(ds, data, str(header.file_meta.TransferSyntaxUID))
+    intake.check_pixel_data(ds, header, data, str(header.file_meta.TransferSyntaxUID), max_pixels=10**7)
     info = intake.classify(header)
     assert info.scorable and info.meta.study_instance_uid == STUDY
 
@@ -129,8 +129,9 @@ def test_header_is_read_without_loading_pixel_data(syntax: str, tmp_path: Path) 
 def test_pixel_checks_refuse_encapsulation_mismatch(tmp_path: Path) -> None:
     data = _encoded(mammogram(tmp_path, "native", transfer_syntax="explicit"))
     ds = intake.parse_encoded(data)
+    header = intake.header_of(ds, data)
     with pytest.raises(intake.PixelDataError):  # native bytes announced as JPEG 2000
-        intake.check_pixel_data(ds, data, "1.2.840.10008.1.2.4.90")
+        intake.check_pixel_data(ds, header, data, "1.2.840.10008.1.2.4.90", max_pixels=10**7)
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")

@@ -126,7 +126,7 @@ def test_hostile_uids_are_refused_and_nothing_is_written(node_scp: NodeFactory, 
     assert written == set() and node.spool_files() == []
     assert instances(node.sessions) == []
     refused = events(node.sessions, audit.INSTANCE_REJECTED)
-    assert [e.details["status"] for e in refused] == ["INVALID_UID"] * 2
+    assert [(e.details or {}).get("status") for e in refused] == ["INVALID_UID"] * 2
     assert all(e.study_uid is None for e in refused)  # the hostile text is not filed as a UID
     # the server keeps serving
     assert scu_store(node.port, [good]) == [DimseStatus.SUCCESS]
@@ -171,7 +171,7 @@ def test_disk_full_is_out_of_resources_and_records_nothing(
     assert instances(node.sessions) == []
     with node.sessions() as session:
         assert session.scalars(select(Study)).all() == []
-    assert [e.details["status"] for e in events(node.sessions, audit.INSTANCE_REJECTED)] == [
+    assert [(e.details or {}).get("status") for e in events(node.sessions, audit.INSTANCE_REJECTED)] == [
         "OUT_OF_RESOURCES"
     ]
 
@@ -277,7 +277,11 @@ def test_unusable_pixel_data_is_refused(node_scp: NodeFactory, tmp_path: Path) -
     absurd = _variant(base, Rows=65535, Columns=65535)
     truncated = _variant(base)
     truncated.PixelData = bytes(truncated.PixelData)[:1000]
-    assert scu_store(node.port, [no_pixels, absurd, truncated]) == [DimseStatus.UNUSABLE_PIXEL_DATA] * 3
+    assert scu_store(node.port, [no_pixels, absurd, truncated]) == [
+        DimseStatus.UNUSABLE_PIXEL_DATA,
+        DimseStatus.IMAGE_TOO_LARGE,
+        DimseStatus.UNUSABLE_PIXEL_DATA,
+    ]
     assert instances(node.sessions) == [] and node.spool_files() == []
     assert scu_store(node.port, [base]) == [DimseStatus.SUCCESS]
 
@@ -321,7 +325,7 @@ def test_resend_is_idempotent_and_late_arrival_reopens_the_study(
     with node.sessions() as session:
         assert session.scalars(select(Study)).one().state == "receiving"
         assert {b.laterality: b.dirty for b in session.scalars(select(Breast))} == {"L": False, "R": True}
-    details = [e.details for e in events(node.sessions, audit.INSTANCE_RECEIVED)]
+    details = [e.details or {} for e in events(node.sessions, audit.INSTANCE_RECEIVED)]
     assert [(d["duplicate"], d["late_arrival"]) for d in details] == [
         (False, False),
         (True, False),
@@ -344,3 +348,17 @@ def test_concurrent_associations_file_one_study(node_scp: NodeFactory, tmp_path:
         assert len(session.scalars(select(Study)).all()) == 1
         assert {b.laterality for b in session.scalars(select(Breast))} == {"L", "R"}
     assert len(instances(node.sessions)) == len(files)
+
+
+def test_max_image_pixels_is_a_setting(node_scp: NodeFactory, tmp_path: Path) -> None:
+    """The receipt limit comes from the config (TOML or MAMMONODE_MAX_IMAGE_PIXELS)."""
+    from node.config import load_config
+
+    config = load_config(environ={"MAMMONODE_MAX_IMAGE_PIXELS": "1000", "MAMMONODE_MAX_ASSOCIATIONS": "3"})
+    assert (config.max_image_pixels, config.max_associations) == (1000, 3)
+    node = node_scp(max_image_pixels=256 * 192 - 1)
+    assert scu_store(node.port, [mammogram(tmp_path, "a")]) == [DimseStatus.IMAGE_TOO_LARGE]
+    refused = events(node.sessions, audit.INSTANCE_REJECTED)
+    assert [(e.details or {}).get("status") for e in refused] == ["IMAGE_TOO_LARGE"]
+    node = node_scp(max_image_pixels=256 * 192)
+    assert scu_store(node.port, [mammogram(tmp_path, "b")]) == [DimseStatus.SUCCESS]

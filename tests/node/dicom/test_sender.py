@@ -144,7 +144,7 @@ def test_transient_failure_backs_off_then_delivers(
         now += dt.timedelta(seconds=delay)
     assert [backoff_seconds(config, n) for n in (1, 2, 3, 4, 200)] == [30.0, 60.0, 100.0, 100.0, 100.0]
     failed = events(sessions, audit.RESULT_FAILED)
-    assert len(failed) == 3 and failed[0].details["retry_in_seconds"] == 30.0
+    assert len(failed) == 3 and (failed[0].details or {}).get("retry_in_seconds") == 30.0
 
     with storage_scp(PACS_AE, port=port) as pacs:  # the destination is back
         assert deliver_due(config, sessions, now) == 1
@@ -162,7 +162,7 @@ def test_failing_past_the_maximum_age_goes_dead(
     assert deliver_due(config, sessions, now) == 1
     assert transmission(sessions, tx_id).state == "dead"
     [dead] = events(sessions, audit.RESULT_DEAD)
-    assert dead.details["reason"] == "older than retry_max_age_hours"
+    assert (dead.details or {}).get("reason") == "older than retry_max_age_hours"
     assert deliver_due(config, sessions, now + dt.timedelta(days=1)) == 0
 
 
