@@ -139,6 +139,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it narrates every module it copies
+    logging.getLogger("openjpeg").setLevel(logging.WARNING)  # and openjpeg every tile it encodes
     logging.captureWarnings(True)  # library warnings may quote DICOM values: scrubbed like logs
     scrub_library_logs()
     quiet_value_checks()
