@@ -252,9 +252,19 @@ class PixelPool:
             self.in_flight = 0
 
     def _submit(self, fn: Callable[[S], R], item: S) -> Future[R]:
+        """Submit one task; a pool that broke since the last submission (a child died while the
+        results before it were being read) is rebuilt first. Tasks still in flight on the broken
+        pool fail when they are read and are then run again one at a time."""
+        try:
+            return self._submit_to(self._pool(), fn, item)
+        except BrokenProcessPool:
+            self._restart()
+            return self._submit_to(self._pool(), fn, item)
+
+    def _submit_to(self, executor: Executor, fn: Callable[[S], R], item: S) -> Future[R]:
         if self.kind == "process":
-            return self._pool().submit(_in_child, fn, item)
-        return self._pool().submit(fn, item)
+            return executor.submit(_in_child, fn, item)
+        return executor.submit(fn, item)
 
     def _isolated(self, fn: Callable[[S], R], item: S) -> R | Exception:
         try:
