@@ -155,6 +155,7 @@ class PixelPool:
         self.in_flight = 0
         self._executor: Executor | None = None
         self._lock = threading.Lock()
+        self._last_used = time.monotonic()
 
     def __enter__(self) -> PixelPool:
         return self
@@ -193,6 +194,18 @@ class PixelPool:
         pool = self._pool()
         for future in [pool.submit(_noop) for _ in range(2 * self.workers)]:
             future.result()
+
+    def close_if_idle(self, seconds: float) -> bool:
+        """Stop the workers if nothing was submitted for ``seconds``; the next use starts them
+        again (about a second). A node between bursts then holds no child processes, whose heaps
+        keep what the largest images needed."""
+        with self._lock:
+            idle = self._executor is not None and self.in_flight == 0
+            idle = idle and time.monotonic() - self._last_used >= seconds
+        if idle:
+            self.close()
+            log.debug("pixel pool closed after %.0f s idle", seconds)
+        return idle
 
     def close(self) -> None:
         """Stop the workers (waits for running tasks)."""
@@ -255,6 +268,7 @@ class PixelPool:
         """Submit one task; a pool that broke since the last submission (a child died while the
         results before it were being read) is rebuilt first. Tasks still in flight on the broken
         pool fail when they are read and are then run again one at a time."""
+        self._last_used = time.monotonic()
         try:
             return self._submit_to(self._pool(), fn, item)
         except BrokenProcessPool:

@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 
 ACTOR = "worker"
 MAX_ERROR_CHARS = 2000
+POOL_IDLE_SECONDS = 15.0
+"""With no job for this long the pixel pool's children are stopped (idle memory back to the node
+process alone); the next job starts them again, which costs about a second."""
 UNREADABLE = "unreadable at scoring"
 """Prefix of ``Instance.skip_reason`` for an image the worker could not decode: later versions of
 the study still name it in their report."""
@@ -205,6 +208,7 @@ class Worker:
         requeue_stale_claims(self.sessions, worker=self.name)
         with self.sessions() as session:
             if session.scalar(select(Job.id).where(Job.state == "pending", _due(utcnow())).limit(1)) is None:
+                self._pool.close_if_idle(POOL_IDLE_SECONDS)
                 return 0
         pipeline = self.load()
         works: list[_Work] = []

@@ -86,6 +86,17 @@ def test_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def onnx_test_model(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``test_model`` with its ONNX export beside the weights, as a node serves in production:
+    ``backend = "auto"`` picks ONNX Runtime and the node process never imports torch."""
+    from training.export import export_onnx
+
+    out = tmp_path_factory.mktemp("model-onnx") / "model"
+    export_onnx(test_model, out=out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def other_weights_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same name, version and manifest as ``test_model``; only the weights differ."""
     return _make_model(tmp_path_factory.mktemp("model-b"), seed=1)
