@@ -258,8 +258,9 @@ class ServedNode:
         """Children of a killed serve process still alive ``CHILD_EXIT_TIMEOUT`` s after it."""
         self._started: set[int] = set()
 
-    CHILD_EXIT_TIMEOUT = 10.0
-    """Pool children watch their parent every second and exit when it is gone."""
+    CHILD_EXIT_TIMEOUT = 30.0
+    """Pool children watch their parent every second and exit when it is gone; a loaded 2-core
+    machine can take longer than that to schedule them (10 s was once too short)."""
 
     def __enter__(self) -> ServedNode:
         return self
