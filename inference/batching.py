@@ -23,7 +23,7 @@ from typing import Generic, TypeVar, cast
 
 from pydicom.dataset import Dataset
 
-from inference.dicom_io import read_dataset, read_meta
+from inference.dicom_header import read_dataset, read_meta
 from inference.pipeline import Pipeline, PreparedImage, prepare_image
 from inference.pixel_pool import PixelPool, PoolStats
 from inference.types import ImageMeta, ImageScore, InputError, PreprocessConfig

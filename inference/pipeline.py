@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 
 from inference.aggregation import AGGREGATIONS, aggregate_studies
 from inference.backends.base import Backend
-from inference.dicom_io import decode_pixels
+from inference.dicom_pixels import decode_pixels
 from inference.manifest import algorithm_info
 from inference.phi import describe, scrub
 from inference.pixel_pool import PixelPool

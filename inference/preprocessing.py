@@ -10,7 +10,7 @@ preserving the aspect ratio -> zero-pad to the model grid. The geometry is retur
 The crop replaces seed 003's "drop rows/columns whose sum is 0", which keeps the whole image as
 soon as there is detector noise, a burned-in label or a bright collimator strip. It works on a
 ~512-pixel copy (so a 3328x2560 image costs milliseconds): threshold, remove bright bands along
-the image edges (:func:`inference.voi.remove_edge_bands`, the same test the fallback window
+the image edges (:func:`inference.segmentation.remove_edge_bands`, the same test the fallback window
 uses), morphological opening, keep the largest bright component (the breast; labels
 and specks are smaller), grow it into the faint tissue connected to it (hysteresis down to the
 background's noise floor, so a window that darkens the skin line does not cut it off), take its
@@ -28,10 +28,12 @@ import cv2
 import numpy as np
 from pydicom.dataset import Dataset
 
-from inference.dicom_io import decode_pixels, read_meta
+from inference.dicom_header import read_meta
+from inference.dicom_pixels import decode_pixels
 from inference.geometry import original_to_grid
+from inference.segmentation import noise_floor, remove_edge_bands
 from inference.types import GeometricTransform, ImageMeta, InputError, PreprocessConfig, PreprocessedImage
-from inference.voi import apply_voi, noise_floor, remove_edge_bands
+from inference.voi import apply_voi
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +175,7 @@ def _grow_into_faint_tissue(
     Windows that compress the low end (a SIGMOID function, a sigmoid-shaped VOI LUT) leave the
     subcutaneous fat and skin line below ``level``, and the crop cut them off (1-3 % of the
     image at each tip). Everything above the background's noise floor
-    (:func:`inference.voi.noise_floor` of the pixels below ``level``) that is connected to the
+    (:func:`inference.segmentation.noise_floor` of the pixels below ``level``) that is connected to the
     core is breast too. Border strips are removed from the weak mask as from the strong one,
     so a strip touching the breast does not join it.
     """

@@ -1,6 +1,6 @@
 """GPU preprocessing with NVIDIA DALI: the CPU preprocessing, step for step, on the device.
 
-The CPU path (:mod:`inference.dicom_io`, :mod:`inference.voi`, :mod:`inference.preprocessing`)
+The CPU path (:mod:`inference.dicom_pixels`, :mod:`inference.voi`, :mod:`inference.preprocessing`)
 decodes, windows, inverts MONOCHROME1, min-max normalises, crops the breast, flips it so the
 chest wall is on ``config.chest_wall_side``, resizes keeping the aspect ratio and pads to the
 model grid. Here the same steps run as two DALI graphs, with one decision made on the host:
@@ -16,15 +16,17 @@ model grid. Here the same steps run as two DALI graphs, with one decision made o
    the same :class:`~inference.types.GeometricTransform` and CAMs map back identically. That is
    a ~512-pixel analysis, milliseconds next to the decode.
 3. **Device** (``_geometry_graph``): crop, min-max normalise (with the image's min/max as found on
-   the host), flip, resize (linear, antialiased when shrinking), pad onto the model grid, clip to
-   [0, 1], and lay out as (B, 1, H, W). On a GPU the batch stays in device memory and is handed
-   to the backend as a :class:`~inference.backends.cuda_runtime.CudaArray` (TensorRT binds its
-   pointer; torch wraps it), never through the host.
+   the host), flip, resize (area resampling as OpenCV's INTER_AREA when shrinking: bilinear,
+   not antialiased, onto a grid k times finer, then the mean of each k x k block; plain bilinear
+   when growing), pad onto the model grid, clip to [0, 1], and lay out as (B, 1, H, W). On a
+   GPU the batch stays in device memory and is handed to the backend as a
+   :class:`~inference.backends.cuda_runtime.CudaArray` (TensorRT binds its pointer; torch wraps
+   it), never through the host.
 
 Differences from the CPU path, all bounded by the parity test: window arithmetic in float32
-instead of float64 (about 1e-6), and DALI's antialiased linear filter instead of OpenCV's
-INTER_AREA when shrinking (a triangle instead of a box filter: a few percent of the grey range
-at sharp edges, far less on average).
+instead of float64 (about 1e-6), and, when shrinking, the box mean of a bilinear resample onto a
+grid k = ceil(1 / scale) times finer instead of OpenCV's exact INTER_AREA (the same box filter,
+sampled bilinearly rather than integrated: small differences at sharp edges).
 
 What DALI is not given, the CPU path takes (``fallbacks``, with the reason): transfer syntaxes
 other than JPEG 2000 (and JPEG Lossless, which DALI decodes on the GPU only); 8-bit code streams
@@ -52,7 +54,8 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 
 from inference.backends.cuda_runtime import CudaArray
-from inference.dicom_io import MAX_PIXELS, read_meta, rescale_parameters
+from inference.dicom_header import read_meta
+from inference.dicom_pixels import MAX_PIXELS, rescale_parameters
 from inference.preprocessing import normalised_grey, plan_transform
 from inference.types import GeometricTransform, ImageMeta, InputError, PreprocessConfig
 from inference.voi import Window, read_window

@@ -34,7 +34,8 @@ from pydicom.dataset import Dataset
 from inference.backends.base import Backend, BackendUnavailable
 from inference.backends.registry import load_backend
 from inference.bundled import resolve_model_dir
-from inference.dicom_io import decode_pixels, read_dataset, read_meta
+from inference.dicom_header import read_dataset, read_meta
+from inference.dicom_pixels import decode_pixels
 from inference.manifest import ModelManifest, load_manifest
 from inference.pipeline import Pipeline, PreparedImage, prepare_image
 from inference.pixel_pool import POOL_KINDS, PixelPool, PoolKind, usable_cpus
@@ -62,7 +63,6 @@ SYNTAX_UIDS: dict[str, str] = {
     "1.2.840.10008.1.2.5": "rle",
 }
 BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
-DEFAULT_SIZE = (3328, 2560)
 INFERENCE_SECONDS = 3.0
 """Each inference figure is timed over at least this long in all, split over its interleaved rounds."""
 TARGETS = {"onnxruntime_vs_torch_min": 2.0, "e2e_vs_floor_max": 1.5}

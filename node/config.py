@@ -12,9 +12,11 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from inference.device import parse_device
 from inference.types import MammoNodeError
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: 16 chars, no backslash
@@ -22,6 +24,47 @@ AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: 16 chars,
 
 class ConfigError(MammoNodeError):
     """The configuration file or an environment variable is invalid."""
+
+
+class UnknownSopClasses(StrEnum):
+    """What the SCP does with storage SOP classes it does not score (CT, US, ...)."""
+
+    IGNORE = "ignore"
+    """Accept them (Success), store nothing, audit."""
+    REJECT = "reject"
+    """Refuse their presentation contexts."""
+
+
+class InferenceBackend(StrEnum):
+    """The ``backend`` setting: a name :func:`inference.backends.registry.load_backend` knows."""
+
+    AUTO = "auto"
+    """ONNX Runtime when the model ships an ONNX export, else torch."""
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+
+class Preprocessing(StrEnum):
+    """Where images are decoded and prepared."""
+
+    CPU = "cpu"
+    """pydicom + OpenCV."""
+    DALI = "dali"
+    """DALI on ``device`` (its CPU mode without a GPU)."""
+
+
+E = TypeVar("E", bound=StrEnum)
+
+
+def parse_option(option: type[E], value: Any, what: str) -> E:
+    """``value`` (a member or its word) as a member of ``option``; a one-line :class:`ConfigError`
+    naming ``what`` and the allowed words otherwise."""
+    try:
+        return option(value)
+    except ValueError:
+        allowed = ", ".join(option)
+        raise ConfigError(f"{what} must be one of {allowed}, not {value!r}") from None
 
 
 def validate_ae_title(value: str, what: str = "AE title") -> str:
@@ -111,16 +154,16 @@ class NodeConfig:
     expected_views: tuple[str, ...] = ("L-CC", "L-MLO", "R-CC", "R-MLO")
     allowed_aes: tuple[AllowedPeer, ...] = ()
     """Empty: every calling AE is accepted (a warning is logged at start)."""
-    unknown_sop_classes: str = "ignore"
+    unknown_sop_classes: UnknownSopClasses = UnknownSopClasses.IGNORE
     """``ignore``: accept other storage SOP classes, store nothing and audit; ``reject``: refuse."""
     destinations: tuple[Destination, ...] = ()
-    backend: str = "auto"
+    backend: InferenceBackend = InferenceBackend.AUTO
     """torch, onnxruntime, tensorrt, or auto: onnxruntime when the model ships ONNX, else torch."""
     model_dir: Path | None = None
     """None: the promoted model in the database, else the bundled demo model."""
     device: str = "cpu"
     """Where the backend runs: ``cpu``, or ``cuda`` / ``cuda:N`` (tensorrt needs a GPU)."""
-    preprocessing: str = "cpu"
+    preprocessing: Preprocessing = Preprocessing.CPU
     """``cpu`` (pydicom + OpenCV) or ``dali`` (DALI on ``device``; CPU mode without a GPU)."""
     batch_size: int = 8
     max_pdu: int = 1_048_576
@@ -139,13 +182,12 @@ class NodeConfig:
         validate_port(self.port)
         if self.study_quiet_seconds <= 0 or self.grace_seconds < 0:
             raise ConfigError("study_quiet_seconds must be > 0 and grace_seconds >= 0")
-        if self.unknown_sop_classes not in ("ignore", "reject"):
-            raise ConfigError(f"unknown_sop_classes: ignore or reject, not {self.unknown_sop_classes!r}")
-        kind, _, index = self.device.partition(":")
-        if kind not in ("cpu", "cuda") or (kind == "cpu" and index) or not (index or "0").isdigit():
-            raise ConfigError(f"device must be cpu, cuda or cuda:N, not {self.device!r}")
-        if self.preprocessing not in ("cpu", "dali"):
-            raise ConfigError(f"preprocessing must be cpu or dali, not {self.preprocessing!r}")
+        for name, option in _OPTIONS.items():  # the words are accepted too: NodeConfig(backend="torch")
+            object.__setattr__(self, name, parse_option(option, getattr(self, name), name))
+        try:
+            parse_device(self.device)
+        except ValueError:
+            raise ConfigError(f"device must be cpu, cuda or cuda:N, not {self.device!r}") from None
         if self.batch_size < 1 or self.max_pdu < 0:
             raise ConfigError("batch_size must be >= 1 and max_pdu >= 0")
         if self.max_associations < 1 or self.max_image_pixels < 1:
@@ -181,10 +223,18 @@ class NodeConfig:
                 value = mask_url(self.resolved_database_url)
             elif isinstance(value, tuple):
                 value = [str(v) for v in value]
-            elif isinstance(value, Path):
+            elif isinstance(value, (Path, StrEnum)):
                 value = str(value)
             out[f.name] = value
         return out
+
+
+_OPTIONS: dict[str, type[StrEnum]] = {
+    "unknown_sop_classes": UnknownSopClasses,
+    "backend": InferenceBackend,
+    "preprocessing": Preprocessing,
+}
+"""Settings that take one of a fixed set of words, and the enum of those words."""
 
 
 def mask_url(url: str) -> str:
@@ -209,7 +259,11 @@ def _env_name(name: str) -> str:
 
 
 def _coerce(name: str, value: Any, *, from_env: bool) -> Any:
-    """Turn a TOML value or an environment string into the field's type."""
+    """Turn a TOML value or an environment string into the field's type; errors name the
+    environment variable when the value came from there (``MAMMONODE_PORT must be ...``)."""
+    what = _env_name(name) if from_env else name
+    if name in _OPTIONS:
+        return parse_option(_OPTIONS[name], value, what)
     try:
         if name in ("port", "batch_size", "max_pdu", "max_associations", "max_image_pixels"):
             return int(value)
@@ -223,7 +277,7 @@ def _coerce(name: str, value: Any, *, from_env: bool) -> Any:
         ):
             return float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        raise ConfigError(f"{what} must be a number, got {value!r}") from None
     if name == "model_dir":
         return Path(str(value)).expanduser() if str(value) else None
     if name == "data_dir":

@@ -11,6 +11,9 @@ loopback and sends the studies to it over DICOM (:func:`node.demo_network.score_
 so the demo shows the product's whole loop; ``--offline`` uses the file scorer
 (:func:`node.offline.run_score`) instead. Both have the same signature (input files, output
 folder, model folder -> exit status) and write the same ``summary.json``.
+
+Nothing here prints: the steps hand their lines to a ``say`` callback and :func:`run_demo`
+returns the closing lines; `mammonode demo` (:mod:`node.commands.demo`) prints them.
 """
 
 from __future__ import annotations
@@ -19,10 +22,9 @@ import json
 import logging
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-
-import typer
 
 from inference.bundled import resolve_model_dir
 
@@ -49,11 +51,28 @@ ScoreStep = Callable[[list[Path], Path, Path], int]
 status; writes ``summary.json`` there."""
 
 
-def score_offline(files: list[Path], out: Path, model_dir: Path) -> int:
-    """The ``--offline`` score step: the file scorer, which also prints the score table."""
-    from node.offline import run_score
+Say = Callable[[str, bool], None]
+"""Where a step's lines go as they come: ``say(line, err)`` (the command prints them, on stderr
+when ``err``)."""
 
-    return run_score(files, out=out, model_dir=model_dir)
+
+def _silent(line: str, err: bool) -> None:
+    """The default ``say``: the lines are dropped."""
+
+
+def offline_step(say: Say = _silent) -> ScoreStep:
+    """The ``--offline`` score step: the file scorer; its score table and problems go to ``say``."""
+
+    def step(files: list[Path], out: Path, model_dir: Path) -> int:
+        from node.offline import run_score
+
+        result = run_score(files, out=out, model_dir=model_dir)
+        for line in result.problems:
+            say(line, True)
+        say(result.output, False)
+        return result.exit_code
+
+    return step
 
 
 def describe_results(out: Path, studies: Sequence[DemoStudy]) -> list[str]:
@@ -85,6 +104,15 @@ def describe_results(out: Path, studies: Sequence[DemoStudy]) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class DemoOutcome:
+    """The demo's exit status and its closing lines (ground truth against the results, where the
+    files are); no lines when nothing was scored."""
+
+    exit_code: int
+    lines: list[str]
+
+
 def run_demo(
     out: Path,
     model_dir: Path | None,
@@ -92,8 +120,8 @@ def run_demo(
     *,
     synthesise: Synthesise,
     score_step: ScoreStep | None = None,
-) -> int:
-    """Synthesise two studies in a temporary folder inside ``out``, score them, report; exit status.
+) -> DemoOutcome:
+    """Synthesise two studies in a temporary folder inside ``out``, score them, describe the results.
 
     The model folder is resolved first, so a missing model fails before anything is synthesised.
     The synthetic inputs are removed afterwards: the results in ``out`` are what the demo is about.
@@ -109,6 +137,5 @@ def run_demo(
 
             score_step = score_over_network
         code = score_step(files, out, model)
-    if (out / "summary.json").is_file():
-        typer.echo("\n".join(describe_results(out, studies)))
-    return code
+    lines = describe_results(out, studies) if (out / "summary.json").is_file() else []
+    return DemoOutcome(code, lines)

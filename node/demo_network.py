@@ -6,6 +6,7 @@ in for the PACS, and C-STOREs the synthetic studies to the node as a modality wo
 until every study's report and secondary captures have come back, then writes the CAM pictures
 and ``summary.json`` (the shape :func:`node.demo.describe_results` reads). The node's database
 stays in ``OUT/node``, so ``mammonode studies`` and ``mammonode audit`` can be pointed at it.
+Its progress lines go to the ``say`` callback the command gives (nothing here prints).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import socket
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pydicom
-import typer
 from pydicom.pixels import pixel_array
 from pydicom.uid import (
     Comprehensive3DSRStorage,
@@ -105,8 +106,17 @@ class ResultsReceiver:
         return True
 
 
-def score_over_network(files: list[Path], out: Path, model_dir: Path) -> int:
-    """Send ``files`` through a loopback node and collect its results in ``out``; exit status."""
+def _silent(line: str, err: bool) -> None:
+    """The default ``say``: the progress lines are dropped."""
+
+
+def score_over_network(
+    files: list[Path], out: Path, model_dir: Path, *, say: Callable[[str, bool], None] = _silent
+) -> int:
+    """Send ``files`` through a loopback node and collect its results in ``out``; exit status.
+
+    ``say(line, err)`` receives the progress lines (node started, images sent, results back, the
+    studies table) as they happen."""
     from inference.overlay import save_png
     from node.dicom.sender import store_files
     from node.queue.report import format_studies, recent_studies
@@ -138,22 +148,22 @@ def score_over_network(files: list[Path], out: Path, model_dir: Path) -> int:
     node = Node(config)
     try:
         node.start()
-        typer.echo(f"node {NODE_AE} listening on 127.0.0.1:{config.port}; results go to {PACS_AE}")
+        say(f"node {NODE_AE} listening on 127.0.0.1:{config.port}; results go to {PACS_AE}", False)
         started = time.monotonic()
         outcomes = store_files(files, Destination(NODE_AE, "127.0.0.1", config.port), MODALITY_AE)
         failed = [o for o in outcomes if not o.ok]
         if failed:
             raise MammoNodeError(f"the node refused {len(failed)} image(s): {failed[0].detail}")
-        typer.echo(f"sent {len(files)} images over DICOM (C-STORE) in {time.monotonic() - started:.1f} s")
+        say(f"sent {len(files)} images over DICOM (C-STORE) in {time.monotonic() - started:.1f} s", False)
         expected = {uid: s["images"] for uid, s in studies.items()}
         deadline = time.monotonic() + WAIT_SECONDS
         while not receiver.complete(expected):
             if time.monotonic() > deadline:
                 raise DemoTimeout(f"no complete results after {WAIT_SECONDS:.0f} s; see mammonode studies")
             time.sleep(0.2)
-        typer.echo(f"results back from the node after {time.monotonic() - started:.1f} s\n")
+        say(f"results back from the node after {time.monotonic() - started:.1f} s\n", False)
         rows = recent_studies(node.sessions, limit=len(studies))
-        typer.echo(format_studies(rows))
+        say(format_studies(rows), False)
     finally:
         node.stop()
         receiver.stop()

@@ -82,9 +82,13 @@ def _is_bundled(path: str) -> bool:
 def list_models(session: Session) -> list[ModelListing]:
     """Registered models (oldest first), plus the bundled demo model if it is not registered.
 
-    With no promoted model the bundled one is what serves, so it is then marked active.
+    With no promoted model the bundled one is what serves, so it is then marked active, whether or
+    not it is registered (the worker registers the model it serves).
     """
     rows = list(session.scalars(select(ModelVersion).order_by(ModelVersion.id)))
+    manifest = _bundled_manifest()
+    bundled_serves = not any(r.active for r in rows)
+    bundled_sha = manifest.weights_sha256 if manifest is not None else None
     out = [
         ModelListing(
             id=r.id,
@@ -92,13 +96,12 @@ def list_models(session: Session) -> list[ModelListing]:
             version=r.version,
             weights_sha256=r.weights_sha256,
             path=r.path,
-            active=r.active,
+            active=r.active or (bundled_serves and r.weights_sha256 == bundled_sha),
             bundled=_is_bundled(r.path),
             registered_at=r.registered_at.isoformat(),
         )
         for r in rows
     ]
-    manifest = _bundled_manifest()
     if manifest is not None and not any(r.weights_sha256 == manifest.weights_sha256 for r in rows):
         out.append(
             ModelListing(
@@ -107,7 +110,7 @@ def list_models(session: Session) -> list[ModelListing]:
                 version=manifest.version,
                 weights_sha256=manifest.weights_sha256,
                 path=str(BUNDLED_MODEL_DIR),
-                active=not any(r.active for r in rows),
+                active=bundled_serves,
                 bundled=True,
                 registered_at=None,
             )
@@ -207,12 +210,16 @@ def promote_model(session: Session, ref: str, actor: str) -> Promotion:
     old = active_model_version(session)
     if old is not None and old.id == target.id:
         return Promotion(old=_describe(old), new=_describe(target) or {}, changed=False)
+    bundled = _bundled_manifest()
+    if old is None and bundled is not None and target.weights_sha256 == bundled.weights_sha256:
+        # Nothing promoted yet: the bundled model already serves, so promoting it changes nothing.
+        return Promotion(old=_describe(target), new=_describe(target) or {}, changed=False)
     session.execute(update(ModelVersion).where(ModelVersion.id != target.id).values(active=False))
     target.active = True
     target.promoted_at = utcnow()
     old_desc = _describe(old)
     if old_desc is None:
-        manifest = _bundled_manifest()
+        manifest = bundled
         if manifest is not None:
             old_desc = {
                 "name": manifest.name,

@@ -1,7 +1,8 @@
-"""`mammonode score`: score DICOM files from disk without a network, writing the node's outputs.
+"""Offline scoring (`mammonode score`): DICOM files from disk, without a network, into the node's outputs.
 
 Unusable inputs are reported in one line each and skipped; the rest are still scored, and the
 exit status is non-zero when anything was skipped. Output files are named by validated UIDs only.
+Nothing here prints: :func:`run_score` returns the lines, the command prints them.
 """
 
 from __future__ import annotations
@@ -10,18 +11,18 @@ import contextlib
 import dataclasses
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import typer
 from pydicom.dataset import Dataset
 
 from inference.aggregation import aggregate_studies
 from inference.backends.registry import load_backend
 from inference.batching import score_stream
 from inference.bundled import resolve_model_dir
-from inference.dicom_io import is_mammogram, read_dataset, read_meta
+from inference.dicom_header import is_mammogram, read_dataset, read_meta
 from inference.jsonsafe import dumps
 from inference.overlay import save_png
 from inference.phi import scrub
@@ -112,7 +113,13 @@ def study_order(files: list[Path]) -> tuple[list[Path], dict[Path, object]]:
 
 
 def score_files(
-    pipeline: Pipeline, files: list[Path], out: Path, *, pool: PixelPool, png: bool = True
+    pipeline: Pipeline,
+    files: list[Path],
+    out: Path,
+    *,
+    pool: PixelPool,
+    png: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> ScoreRun:
     """Score ``files`` into ``out`` (SC, SR and, with ``png``, PNG files) and return what was done.
 
@@ -121,7 +128,7 @@ def score_files(
     the whole run holds the pool's window plus about one study in memory. Backend batches hold
     one study each (several breasts and views, never two studies), so a study's results are the
     same whatever else the run holds. Unusable files become (path, reason) entries of
-    ``skipped``, in file order.
+    ``skipped``, in file order. ``progress`` is called with 1 after each file is handled.
     """
     ordered, keys = study_order(files)
     remaining = Counter(keys[p] for p in ordered)
@@ -149,6 +156,8 @@ def score_files(
         remaining[key] -= 1
         if remaining[key] == 0 and key in images:
             _finish_study(pipeline, images.pop(key), out, run, pool=pool, png=png)
+        if progress is not None:
+            progress(1)
     run.skipped = [(str(p), failed[p]) for p in files if p in failed]
     return run
 
@@ -290,6 +299,17 @@ def format_table(run: ScoreRun) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ScoreResult:
+    """What :func:`run_score` has to say: the output (score table or JSON), the problem lines
+    (skipped files, missing captures, nothing scored) and the exit status."""
+
+    output: str
+    problems: list[str]
+    exit_code: int
+    summary: dict[str, Any]
+
+
 def run_score(
     paths: list[Path],
     *,
@@ -299,29 +319,33 @@ def run_score(
     aggregation: str | None = None,
     json_output: bool = False,
     pool: PixelPool | None = None,
-) -> int:
-    """Score ``paths`` into ``out``; returns the exit status (1 if anything was skipped).
+    progress: Callable[[int], None] | None = None,
+    on_files: Callable[[int], None] | None = None,
+) -> ScoreResult:
+    """Score ``paths`` into ``out``; the exit status is 1 if anything was skipped.
 
     ``pool`` decodes ahead of the backend and renders the results; by default a process pool.
+    ``on_files`` is told how many files will be scored (e.g. to size a progress bar), and
+    ``progress`` is called with 1 after each of them.
     """
     engine = load_backend(backend, resolve_model_dir(model_dir))
     pipeline = Pipeline(engine, aggregation=aggregation)
     files, missing = collect_files(paths, out=out)
+    if on_files is not None:
+        on_files(len(files))
     with contextlib.ExitStack() as stack:
         if pool is None:
             # Always child processes, even for one file: a codec that aborts must not take the
             # run down with it (design invariant 8). One worker per CPU, or fewer files.
             pool = stack.enter_context(PixelPool("process", max(1, min(len(files), usable_cpus()))))
-        run = score_files(pipeline, files, out, pool=pool)
+        run = score_files(pipeline, files, out, pool=pool, progress=progress)
     run.skipped = missing + run.skipped
-    for line in run.skipped:
-        typer.echo(f"skipped {line[0]}: {line[1]}", err=True)
-    for uid, why in run.render_failures:
-        typer.echo(f"image {uid}: {why}", err=True)
+    problems = [f"skipped {path}: {reason}" for path, reason in run.skipped]
+    problems += [f"image {uid}: {why}" for uid, why in run.render_failures]
     report = summary(pipeline, run)
     (out / "summary.json").write_text(dumps(report))
-    typer.echo(dumps(report) if json_output else format_table(run))
+    output = dumps(report) if json_output else format_table(run)
     if not run.outputs:
-        typer.echo("error: no image could be scored", err=True)
-        return 1
-    return 1 if run.skipped or run.render_failures else 0
+        problems.append("error: no image could be scored")
+        return ScoreResult(output, problems, 1, report)
+    return ScoreResult(output, problems, 1 if run.skipped or run.render_failures else 0, report)

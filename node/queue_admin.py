@@ -20,14 +20,36 @@ from inference.phi import scrub
 from inference.types import MammoNodeError
 from node import audit
 from node.db.models import Job, OutputObject, Study, Transmission, utcnow
+from node.db.states import TRANSMISSION_DUE, JobState, StudyState, TransmissionState, check_transition
 
-STATE_CHOICES = ("pending", "failed", "dead", "dropped", "sent", "all")
-DEFAULT_TRANSMISSION_STATES = ("pending", "failed", "dead")
+ALL = "all"
+STATE_CHOICES = (
+    TransmissionState.PENDING,
+    TransmissionState.FAILED,
+    TransmissionState.DEAD,
+    TransmissionState.DROPPED,
+    TransmissionState.SENT,
+    ALL,
+)
+DEFAULT_TRANSMISSION_STATES = (TransmissionState.PENDING, TransmissionState.FAILED, TransmissionState.DEAD)
+DEFAULT_JOB_STATES = (JobState.PENDING, JobState.CLAIMED, JobState.FAILED)
+JOB_STATES_LISTED: dict[str, tuple[JobState, ...]] = {
+    TransmissionState.PENDING: (JobState.PENDING, JobState.CLAIMED),
+    TransmissionState.FAILED: (JobState.FAILED,),
+    TransmissionState.DROPPED: (JobState.DROPPED,),
+}
+"""Jobs listed for ``--state`` (the choices are transmission words; a claimed job is pending work)."""
 JOB_PREFIX = "job:"
-RETRYABLE_TRANSMISSION = ("pending", "failed", "dead", "dropped")
-DROPPABLE_TRANSMISSION = ("pending", "failed", "dead")
-RETRYABLE_JOB = ("failed", "dropped")
-DROPPABLE_JOB = ("failed",)
+# What an operator may retry or drop; the moves themselves are in node.db.states' tables.
+RETRYABLE_TRANSMISSION = (
+    TransmissionState.PENDING,
+    TransmissionState.FAILED,
+    TransmissionState.DEAD,
+    TransmissionState.DROPPED,
+)
+DROPPABLE_TRANSMISSION = (TransmissionState.PENDING, TransmissionState.FAILED, TransmissionState.DEAD)
+RETRYABLE_JOB = (JobState.FAILED, JobState.DROPPED)
+DROPPABLE_JOB = (JobState.FAILED,)
 """A pending job is left to the worker: dropping it would strand its study in ``queued``."""
 
 
@@ -71,13 +93,12 @@ def _iso(value: dt.datetime | None) -> str | None:
 def _states(state: str | None) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
     """Transmission states and job states to list for ``--state`` (None = no filter)."""
     if state is None:
-        return DEFAULT_TRANSMISSION_STATES, ("pending", "claimed", "failed")
+        return DEFAULT_TRANSMISSION_STATES, DEFAULT_JOB_STATES
     if state not in STATE_CHOICES:
         raise QueueError(f"--state must be one of {', '.join(STATE_CHOICES)}, not {state!r}")
-    if state == "all":
+    if state == ALL:
         return None, None
-    jobs = {"pending": ("pending", "claimed"), "failed": ("failed",), "dropped": ("dropped",)}
-    return (state,), jobs.get(state, ())
+    return (state,), JOB_STATES_LISTED.get(state, ())
 
 
 def list_items(session: Session, state: str | None = None) -> list[QueueItem]:
@@ -100,7 +121,7 @@ def list_items(session: Session, state: str | None = None) -> list[QueueItem]:
             destination=t.destination,
             state=t.state,
             attempts=t.attempts,
-            next_attempt_at=t.next_attempt_at if t.state in ("pending", "failed") else None,
+            next_attempt_at=t.next_attempt_at if t.state in TRANSMISSION_DUE else None,
             last_error=scrub(t.last_error) if t.last_error else None,
         )
         for t, kind, study_uid in session.execute(tx_stmt)
@@ -204,7 +225,7 @@ def retry(session: Session, tx_ids: Sequence[int], job_ids: Sequence[int], actor
     done = []
     for t in transmissions:
         before = t.state
-        t.state, t.next_attempt_at = "pending", now
+        t.state, t.next_attempt_at = check_transition(before, TransmissionState.PENDING), now
         audit.record(
             session,
             audit.QUEUE_RETRY,
@@ -216,9 +237,10 @@ def retry(session: Session, tx_ids: Sequence[int], job_ids: Sequence[int], actor
         done.append(f"transmission {t.id} ({t.output.kind} to {t.destination}): {before} -> pending")
     for j in jobs:
         before = j.state
-        j.state, j.claimed_by, j.claimed_at, j.finished_at = "pending", None, None, None
+        j.state = check_transition(before, JobState.PENDING)
+        j.claimed_by, j.claimed_at, j.finished_at = None, None, None
         study: Study = j.study
-        study.state = "queued"
+        study.state = check_transition(study.state, StudyState.QUEUED)
         audit.record(
             session,
             audit.QUEUE_RETRY,
@@ -236,7 +258,7 @@ def drop(session: Session, tx_ids: Sequence[int], job_ids: Sequence[int], actor:
     studies = _output_studies(session, transmissions)
     done = []
     for t in transmissions:
-        before, t.state = t.state, "dropped"
+        before, t.state = t.state, check_transition(t.state, TransmissionState.DROPPED)
         audit.record(
             session,
             audit.QUEUE_DROP,
@@ -247,7 +269,7 @@ def drop(session: Session, tx_ids: Sequence[int], job_ids: Sequence[int], actor:
         )
         done.append(f"transmission {t.id} ({t.output.kind} to {t.destination}): {before} -> dropped")
     for j in jobs:
-        before, j.state = j.state, "dropped"
+        before, j.state = j.state, check_transition(j.state, JobState.DROPPED)
         audit.record(
             session,
             audit.QUEUE_DROP,

@@ -194,7 +194,8 @@ def run_retrain(session: Session, config: NodeConfig, options: RetrainOptions, a
     from inference.jsonsafe import json_safe
     from node.model_registry import register_model
     from node.queue.model import select_model_dir
-    from training.run import TrainRequest, record_report, run_evaluate, run_train
+    from training.dispatch import record_report, run_evaluate, run_train
+    from training.request import TrainRequest
 
     outcomes = read_outcomes(options.labels)
     cases = select_cases(session, config.spool_dir, outcomes)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from inference.device import parse_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -56,15 +58,14 @@ def _env_int(name: str, default: int) -> int:
 
 def resolve_device(device: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
     """``cpu``, ``cuda`` or ``cuda:N``; under DDP ``cuda`` means this process's ``LOCAL_RANK`` GPU."""
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if device == "cpu":
+    parsed = parse_device(device)
+    if not parsed.is_cuda:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
-    if device == "cuda" and distributed:
+    if parsed.index is None and distributed:
         return torch.device("cuda", local_rank)
-    return torch.device(device)
+    return torch.device(str(parsed))
 
 
 def setup(device: str) -> DistContext:

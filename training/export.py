@@ -13,9 +13,8 @@ Exporting the same weights again gives byte-identical output with the same torch
 another torch version may serialise differently (another SHA-256), and the parity check is what
 guarantees the graph either way.
 
-This module imports only typer at load time (it is loaded on every CLI start); torch, onnx and
-onnxruntime are imported inside the functions. Other exporters (TensorRT) register their own
-subcommand on the same ``export`` group, see :func:`training.cli.register`.
+torch, onnx and onnxruntime are imported inside the functions. The command
+(`mammonode export onnx`) is :func:`node.commands.export.onnx_command`.
 """
 
 from __future__ import annotations
@@ -27,10 +26,9 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
 import numpy as np
-import typer
 
 from inference.backends.base import GRAPH_INPUT, GRAPH_OUTPUTS
 from inference.backends.parity import ParityReport, compare_outputs
@@ -221,28 +219,3 @@ def _export_in(target: Path, opset: int) -> ExportResult:
     save_manifest(updated, target)
     logger.info("exported %s %s to %s (sha256 %s)", manifest.name, manifest.version, path, sha[:12])
     return ExportResult(target, path, sha, parity, engines_dropped)
-
-
-def onnx_command(
-    model: Annotated[
-        Path | None,
-        typer.Option("--model", help="Model folder; default: the bundled demo model, exported in place."),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", help="Write a copy of the model folder, with the ONNX, here instead."),
-    ] = None,
-    opset: Annotated[int, typer.Option(min=13, max=20, help="ONNX opset.")] = DEFAULT_OPSET,
-) -> None:
-    """Export the model as one ONNX graph (logit + CAM), check it against torch, record its SHA-256."""
-    result = export_onnx(model, out=out, opset=opset)
-    worst = max(result.parity.values(), key=lambda r: r.probability_max_abs_diff)
-    typer.echo(f"wrote {result.onnx_path} (sha256 {result.onnx_sha256})")
-    typer.echo(f"parity with torch at batch sizes {sorted(result.parity)}: {worst.describe()}")
-    if result.engines_dropped:
-        typer.echo("TensorRT engines of the previous graph were dropped from the manifest; build them again")
-
-
-def register_export(group: typer.Typer) -> None:
-    """Add `export onnx` to the `export` command group."""
-    group.command("onnx")(onnx_command)

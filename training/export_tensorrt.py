@@ -15,8 +15,8 @@ nothing. The engine file is written beside the weights and its SHA-256 recorded 
 TensorRT 10 is required: TensorRT 11 removed the FP16/INT8 builder flags and the INT8 calibrator
 (it wants an ONNX already converted with NVIDIA's ModelOpt); with it, only FP32 builds work here.
 
-This module imports only typer and light modules at load time; tensorrt and cuda-python are
-imported inside the functions (the ``gpu`` extra).
+This module imports only light modules at load time; tensorrt and cuda-python are imported inside
+the functions (the ``gpu`` extra). The command is :func:`node.commands.export.tensorrt_command`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-import typer
 
 from inference.backends.base import GRAPH_INPUT
 from inference.backends.tensorrt_engines import (
@@ -99,7 +98,7 @@ def calibration_batches(
     READMEs and the odd broken file). Only full batches are yielded: TensorRT calibrates at the
     profile's batch size, and the remainder of fewer than ``batch_size`` images is dropped (logged).
     """
-    from inference.dicom_io import read_dataset
+    from inference.dicom_header import read_dataset
     from inference.preprocessing import preprocess
 
     if batch_size < 1 or limit < batch_size:
@@ -327,48 +326,3 @@ def build_engine(
     save_manifest(with_engine(manifest, key, record), source)
     logger.info("wrote %s (sha256 %s)", path, record.sha256[:12])
     return EngineBuildResult(key, path, record, cached=False)
-
-
-def tensorrt_command(
-    model: Annotated[
-        Path | None,
-        typer.Option("--model", help="Model folder with an ONNX export; default: the bundled demo model."),
-    ] = None,
-    fp16: Annotated[bool, typer.Option("--fp16", help="Allow FP16 kernels.")] = False,
-    int8: Annotated[
-        bool, typer.Option("--int8", help="INT8 (with FP16 fallback), calibrated on --calibration.")
-    ] = False,
-    calibration: Annotated[
-        Path | None,
-        typer.Option("--calibration", help="Dataset folder of DICOM images to calibrate INT8 on."),
-    ] = None,
-    calibration_images: Annotated[
-        int, typer.Option("--calibration-images", min=1, help="Most images used for INT8 calibration.")
-    ] = DEFAULT_CALIBRATION_IMAGES,
-    max_batch: Annotated[
-        int,
-        typer.Option("--max-batch", min=1, max=256, help="Largest batch of the optimisation profile (1..N)."),
-    ] = DEFAULT_MAX_BATCH,
-    device: Annotated[str, typer.Option("--device", help="CUDA device to build for.")] = "cuda:0",
-    force: Annotated[
-        bool, typer.Option("--force", help="Build even if a matching engine is cached.")
-    ] = False,
-) -> None:
-    """Build a TensorRT engine for this GPU from the model's ONNX graph; record it in the manifest."""
-    result = build_engine(
-        model,
-        precision=precision_of(fp16=fp16, int8=int8),
-        max_batch=max_batch,
-        calibration=calibration,
-        calibration_images=calibration_images,
-        device=device,
-        force=force,
-    )
-    state = "up to date" if result.cached else "built"
-    typer.echo(f"{state}: {result.path} ({result.record.precision}, batch 1..{result.record.max_batch})")
-    typer.echo(f"engine {result.key} sha256 {result.record.sha256} for {result.record.gpu}")
-
-
-def register_export(group: typer.Typer) -> None:
-    """Add `export tensorrt` to the `export` command group."""
-    group.command("tensorrt")(tensorrt_command)

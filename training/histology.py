@@ -29,7 +29,9 @@ from training.plots import write_training_curves
 
 if TYPE_CHECKING:
     from inference.backends.base import Backend
-    from training.run import TrainRequest
+    from inference.manifest import ModelManifest
+    from training.loop import TrainResult
+    from training.request import TrainRequest
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +178,6 @@ def choose_threshold(labels: Sequence[float], probs: np.ndarray, target_sensitiv
 def run_histology_train(request: TrainRequest) -> Path:
     """Train a patch classifier and write ``request.out / "model"``; returns that folder."""
 
-    from inference.backends.registry import load_backend
     from inference.manifest import ModelManifest, save_manifest
     from inference.model import build_model
     from inference.model_io import save_model
@@ -221,6 +222,36 @@ def run_histology_train(request: TrainRequest) -> Path:
         ),
         model_dir,
     )
+    manifest, figures = _validated_manifest(
+        request, draft, model_dir, val_set, train_records, val_records, result
+    )
+    threshold = manifest.threshold
+    save_manifest(manifest, model_dir)
+    write_training_curves(result.history, request.out)
+    patch = figures["patch"]
+    logger.info(
+        "validation patches: AUC %.3f, sensitivity %.3f, specificity %.3f at threshold %.3f",
+        patch["roc_auc"],
+        patch["sensitivity"],
+        patch["specificity"],
+        threshold,
+    )
+    return model_dir
+
+
+def _validated_manifest(
+    request: TrainRequest,
+    draft: ModelManifest,
+    model_dir: Path,
+    val_set: PatchDataset,
+    train_records: Sequence[PatchRecord],
+    val_records: Sequence[PatchRecord],
+    result: TrainResult,
+) -> tuple[ModelManifest, dict[str, dict[str, Any]]]:
+    """The draft manifest with threshold, data and validation figures; and those figures."""
+    from inference.backends.registry import load_backend
+
+    size = request.input_size
     # Threshold and figures come from the saved model through the serving backend, so they
     # describe exactly what `mammonode evaluate` and the node will run.
     probs = score_patches(load_backend("torch", model_dir), val_set)
@@ -263,17 +294,7 @@ def run_histology_train(request: TrainRequest) -> Path:
         },
         metrics=metrics,
     )
-    save_manifest(manifest, model_dir)
-    write_training_curves(result.history, request.out)
-    patch = figures["patch"]
-    logger.info(
-        "validation patches: AUC %.3f, sensitivity %.3f, specificity %.3f at threshold %.3f",
-        patch["roc_auc"],
-        patch["sensitivity"],
-        patch["specificity"],
-        threshold,
-    )
-    return model_dir
+    return manifest, figures
 
 
 def evaluate_histology(

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from inference.device import parse_device
 from training import ddp
 from training.cam_loss import cam_peak_loss
 from training.metrics import pf1, roc_auc
@@ -141,8 +142,7 @@ class TrainConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.class_weighting not in ("none", "balanced"):
             raise ValueError(f"class_weighting must be 'none' or 'balanced', got {self.class_weighting!r}")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        parse_device(self.device)  # ValueError naming the device
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, so checkpoints load with ``torch.load(weights_only=True)``."""
@@ -406,21 +406,7 @@ def _run(
 
     torch.manual_seed(config.seed)
     module = model_factory().to(ctx.device)
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.Adam(params, lr=config.lr)
-    # torch counts the bad epochs it tolerates; the config counts those that trigger a change.
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer,
-        mode="min",
-        factor=config.plateau_factor,
-        patience=config.plateau_patience - 1,
-        min_lr=config.min_lr,
-        eps=0.0,  # torch skips changes below 1e-8 by default, which stalls tiny learning rates
-    )
-    # Loss scaling only for float16 on CUDA; bfloat16 on CPU has float32's range.
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.amp and ctx.device.type == "cuda")
+    optimizer, scheduler, scaler = _optimisers(config, module, ctx)
     state = _State()
     if config.resume is not None:
         state = _restore(Path(config.resume), config, module, optimizer, scheduler, scaler, ctx.device)
@@ -432,42 +418,10 @@ def _run(
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         model = DistributedDataParallel(module, device_ids=device_ids)
 
-    mask_source = None
-    if config.cam_mask_weight > 0:
-        if not hasattr(train_set, "lesion_masks"):
-            raise ValueError("cam_mask_weight > 0 needs a training set with lesion masks")
-        mask_source = cast(MaskedDataset, train_set).lesion_masks
-    pos_weight = _pos_weight(config, train_set.labels)
-    criterion = nn.BCEWithLogitsLoss(
-        pos_weight=None if pos_weight is None else torch.tensor(pos_weight, device=ctx.device)
-    )
-    sampler = BalancedPredictionIdSampler(
-        train_set.prediction_ids,
-        train_set.labels,
-        batch_ids=config.batch_ids,
-        num_batches=config.batches_per_epoch,
-        seed=config.seed,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        balanced=config.balanced_sampling,
-    )
-    loader: DataLoader[Any] = DataLoader(
-        cast(Dataset[Any], train_set),
-        batch_sampler=sampler,
-        num_workers=config.num_workers,
-        collate_fn=collate_items,
-        pin_memory=ctx.device.type == "cuda",
-    )
+    criterion, mask_source = _criterion(config, train_set, ctx)
+    sampler, loader = _loader(config, train_set, ctx)
     if ctx.is_main:
-        logger.info(
-            "training %s: %d train / %d validation images, %d batches of %d prediction IDs per epoch%s",
-            config.architecture,
-            len(train_set),
-            len(val_set),
-            len(sampler),
-            config.batch_ids,
-            f" on {ctx.world_size} processes" if ctx.enabled else "",
-        )
+        _log_start(config, train_set, val_set, len(sampler), ctx)
 
     start = state.epoch + 1
     if state.stopped_early:
@@ -486,28 +440,8 @@ def _run(
             raise FloatingPointError(f"training diverged: mean loss {train_loss} in epoch {epoch}")
         val_loss, val_probs = _validate(module, val_set, config, ctx, show)
         scheduler.step(val_loss)
-        val_labels = np.asarray(val_set.labels, dtype=np.float64)
-        state.history.append(
-            {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "lr": lr,
-                "val_roc_auc": roc_auc(val_labels, val_probs.numpy()),
-                "val_pf1": pf1(val_labels, val_probs.numpy()),
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-        improved = val_loss < state.best_val_loss
-        if improved:
-            state.best_val_loss, state.best_epoch = val_loss, epoch
-            state.best_val_probabilities = val_probs
-        if val_loss < state.es_reference - config.early_stopping_min_delta:
-            state.es_reference, state.es_wait = val_loss, 0
-        else:
-            state.es_wait += 1
-        state.stopped_early = state.es_wait >= config.early_stopping_patience
-        state.epoch = epoch
+        state.history.append(_history_row(epoch, train_loss, val_loss, lr, val_set, val_probs, t0))
+        improved = _end_epoch(state, config, epoch, val_loss, val_probs)
         if ctx.is_main:
             _save_atomic(_checkpoint(config, state, module, optimizer, scheduler, scaler), last_path)
             if improved:
@@ -518,13 +452,7 @@ def _run(
         ddp.barrier(ctx)
         if state.stopped_early:
             if ctx.is_main:
-                logger.info(
-                    "early stop after epoch %d: no improvement of %.3g in %d epochs; best epoch %d",
-                    epoch,
-                    config.early_stopping_min_delta,
-                    config.early_stopping_patience,
-                    state.best_epoch,
-                )
+                _log_early_stop(state, config)
             break
 
     return TrainResult(
@@ -538,6 +466,135 @@ def _run(
         val_labels=np.asarray(val_set.labels, dtype=np.float64),
         val_prediction_ids=list(val_set.prediction_ids),
     )
+
+
+def _optimisers(
+    config: TrainConfig, module: nn.Module, ctx: ddp.DistContext
+) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.ReduceLROnPlateau, torch.amp.GradScaler]:
+    """Adam over the trainable parameters, the plateau scheduler and the loss scaler."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    # torch counts the bad epochs it tolerates; the config counts those that trigger a change.
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer,
+        mode="min",
+        factor=config.plateau_factor,
+        patience=config.plateau_patience - 1,
+        min_lr=config.min_lr,
+        eps=0.0,  # torch skips changes below 1e-8 by default, which stalls tiny learning rates
+    )
+    # Loss scaling only for float16 on CUDA; bfloat16 on CPU has float32's range.
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.amp and ctx.device.type == "cuda")
+    return optimizer, scheduler, scaler
+
+
+def _criterion(
+    config: TrainConfig, train_set: LabelledDataset, ctx: ddp.DistContext
+) -> tuple[nn.BCEWithLogitsLoss, Callable[[Sequence[int]], torch.Tensor] | None]:
+    """The (class-weighted) loss, and the lesion masks when the CAM is guided by them."""
+    mask_source: Callable[[Sequence[int]], torch.Tensor] | None = None
+    if config.cam_mask_weight > 0:
+        if not hasattr(train_set, "lesion_masks"):
+            raise ValueError("cam_mask_weight > 0 needs a training set with lesion masks")
+        mask_source = cast(MaskedDataset, train_set).lesion_masks
+    pos_weight = _pos_weight(config, train_set.labels)
+    criterion = nn.BCEWithLogitsLoss(
+        pos_weight=None if pos_weight is None else torch.tensor(pos_weight, device=ctx.device)
+    )
+    return criterion, mask_source
+
+
+def _loader(
+    config: TrainConfig, train_set: LabelledDataset, ctx: ddp.DistContext
+) -> tuple[BalancedPredictionIdSampler, DataLoader[Any]]:
+    """The prediction-ID batch sampler (this rank's share) and the loader over it."""
+    sampler = BalancedPredictionIdSampler(
+        train_set.prediction_ids,
+        train_set.labels,
+        batch_ids=config.batch_ids,
+        num_batches=config.batches_per_epoch,
+        seed=config.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        balanced=config.balanced_sampling,
+    )
+    loader: DataLoader[Any] = DataLoader(
+        cast(Dataset[Any], train_set),
+        batch_sampler=sampler,
+        num_workers=config.num_workers,
+        collate_fn=collate_items,
+        pin_memory=ctx.device.type == "cuda",
+    )
+    return sampler, loader
+
+
+def _history_row(
+    epoch: int,
+    train_loss: float,
+    val_loss: float,
+    lr: float,
+    val_set: LabelledDataset,
+    val_probs: torch.Tensor,
+    t0: float,
+) -> dict[str, float]:
+    """The epoch's line of the history: losses, learning rate, validation AUC and pF1, time."""
+    val_labels = np.asarray(val_set.labels, dtype=np.float64)
+    return {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "lr": lr,
+        "val_roc_auc": roc_auc(val_labels, val_probs.numpy()),
+        "val_pf1": pf1(val_labels, val_probs.numpy()),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _log_start(
+    config: TrainConfig,
+    train_set: LabelledDataset,
+    val_set: LabelledDataset,
+    batches: int,
+    ctx: ddp.DistContext,
+) -> None:
+    logger.info(
+        "training %s: %d train / %d validation images, %d batches of %d prediction IDs per epoch%s",
+        config.architecture,
+        len(train_set),
+        len(val_set),
+        batches,
+        config.batch_ids,
+        f" on {ctx.world_size} processes" if ctx.enabled else "",
+    )
+
+
+def _log_early_stop(state: _State, config: TrainConfig) -> None:
+    logger.info(
+        "early stop after epoch %d: no improvement of %.3g in %d epochs; best epoch %d",
+        state.epoch,
+        config.early_stopping_min_delta,
+        config.early_stopping_patience,
+        state.best_epoch,
+    )
+
+
+def _end_epoch(
+    state: _State, config: TrainConfig, epoch: int, val_loss: float, val_probs: torch.Tensor
+) -> bool:
+    """Update the best epoch and the early-stopping count; True when this epoch is the best."""
+    improved = val_loss < state.best_val_loss
+    if improved:
+        state.best_val_loss, state.best_epoch = val_loss, epoch
+        state.best_val_probabilities = val_probs
+    if val_loss < state.es_reference - config.early_stopping_min_delta:
+        state.es_reference, state.es_wait = val_loss, 0
+    else:
+        state.es_wait += 1
+    state.stopped_early = state.es_wait >= config.early_stopping_patience
+    state.epoch = epoch
+    return improved
 
 
 def load_checkpoint_weights(model: _M, path: Path) -> _M:

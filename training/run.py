@@ -1,9 +1,10 @@
-"""Orchestration behind `mammonode train` and `mammonode evaluate`.
+"""The mammography recipe behind `mammonode train` and `mammonode evaluate` (RSNA layout).
 
 Training: load the dataset, split by patient, preprocess through the serving code, run the
 seed-003 loop, choose the operating threshold on the validation breasts, and write a model folder
 whose manifest names the data, the command and the validation figures. Evaluation: score a
 labelled dataset through a serving backend and report image, breast and CAM metrics.
+:mod:`training.dispatch` picks this recipe or the histology one by layout.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import datetime as dt
 import logging
 import shlex
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,95 +23,11 @@ from inference.bundled import resolve_model_dir
 from inference.types import InputError, PreprocessConfig
 
 if TYPE_CHECKING:
-    from training.loop import TrainConfig
+    from inference.manifest import ModelManifest
+    from training.loop import TrainResult
+    from training.request import TrainRequest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainRequest:
-    """Everything `mammonode train` was asked for."""
-
-    dataset: Path
-    out: Path
-    layout: str = "rsna"
-    architecture: str = "efficientnet_b0"
-    input_size: tuple[int, int] = (1024, 512)
-    epochs: int = 50
-    batch_ids: int = 8
-    batches_per_epoch: int | None = None
-    lr: float = 1e-3
-    val_fraction: float = 0.2
-    seed: int = 0
-    resume: Path | None = None
-    amp: bool = False
-    device: str = "cpu"
-    workers: int = 1
-    name: str = "mammonode-model"
-    version: str = "0.1.0"
-    synthetic: bool = False
-    target_sensitivity: float = 0.9
-    init_model: Path | None = None
-    """Model folder whose weights start the run (fine-tuning); None = random initialisation."""
-    cam_mask_weight: float = 0.0
-    """Lesion-mask guidance of the CAM peak (see :mod:`training.cam_loss`); 0 = seed 003."""
-
-    def __post_init__(self) -> None:
-        if not self.cam_mask_weight >= 0:
-            raise InputError(f"--cam-mask-weight must be >= 0, got {self.cam_mask_weight}")
-        if self.cam_mask_weight > 0 and self.layout != "rsna":
-            raise InputError("--cam-mask-weight needs lesion masks, which only the rsna layout has")
-
-    def initial_model(self, in_chans: int = 1) -> Any:
-        """The untrained model, or the ``init_model`` weights when fine-tuning (checked to fit)."""
-        from inference.model import build_model
-
-        model = build_model(self.architecture, in_chans=in_chans)
-        if self.init_model is not None:
-            from inference.model_io import load_model
-
-            source, manifest = load_model(self.init_model)
-            if manifest.architecture != self.architecture or manifest.in_chans != in_chans:
-                raise InputError(
-                    f"--init-model {self.init_model} is {manifest.architecture} with {manifest.in_chans} "
-                    f"channel(s), not {self.architecture} with {in_chans}"
-                )
-            model.load_state_dict(source.state_dict())
-        return model
-
-    def provenance(self) -> dict[str, Any]:
-        """What the manifest records about how the weights started and what guided them."""
-        info: dict[str, Any] = {"cam_mask_weight": self.cam_mask_weight}
-        if self.init_model is not None:
-            from inference.manifest import load_manifest
-
-            start = load_manifest(self.init_model)
-            info["initialised_from"] = {
-                "name": start.name,
-                "version": start.version,
-                "weights_sha256": start.weights_sha256,
-            }
-        return info
-
-    def loop_config(self, **overrides: Any) -> TrainConfig:
-        """The training-loop settings this request asks for; callers add layout-specific ones."""
-        from training.loop import TrainConfig
-
-        settings: dict[str, Any] = {
-            "architecture": self.architecture,
-            "epochs": self.epochs,
-            "batch_ids": self.batch_ids,
-            "batches_per_epoch": self.batches_per_epoch,
-            "lr": self.lr,
-            "amp": self.amp,
-            "device": self.device,
-            "seed": self.seed,
-            "out_dir": self.out,
-            "resume": self.resume,
-            "cam_mask_weight": self.cam_mask_weight,
-            "augment": True,
-        }
-        return TrainConfig(**{**settings, **overrides})
 
 
 def _rsna_samples(root: Path, config: PreprocessConfig, workers: int) -> list[Any]:
@@ -125,27 +42,10 @@ def _rsna_samples(root: Path, config: PreprocessConfig, workers: int) -> list[An
     return samples
 
 
-def run_train(request: TrainRequest) -> Path:
-    """Train and write ``request.out / "model"``; returns that folder."""
-    if request.layout != "rsna":
-        from training.histology import run_histology_train
-
-        return run_histology_train(request)
-
-    from inference.backends.torch_backend import TorchBackend
-    from inference.manifest import ModelManifest, save_manifest
-    from inference.model import build_model
-    from inference.model_io import save_model
-    from training.ddp import launched_as_worker
-    from training.evaluate import breast_table, predict_samples
-    from training.loop import load_checkpoint_weights, train
-    from training.mammo_dataset import MammoTensorDataset
-    from training.metrics import binary_metrics, threshold_for_sensitivity
-    from training.plots import write_training_curves
+def _split_samples(request: TrainRequest, samples: list[Any]) -> tuple[list[Any], list[Any], int, int]:
+    """Train and validation samples split by patient, and the number of patients on each side."""
     from training.sampler import split_by_patient
 
-    config = PreprocessConfig(input_height=request.input_size[0], input_width=request.input_size[1])
-    samples = _rsna_samples(request.dataset, config, request.workers)
     patients = [str(s.record.patient_id) for s in samples]
     labels = [s.label for s in samples]
     train_patients, val_patients = split_by_patient(patients, labels, request.val_fraction, request.seed)
@@ -153,6 +53,22 @@ def run_train(request: TrainRequest) -> Path:
     train_samples = [s for s in samples if str(s.record.patient_id) in train_ids]
     val_samples = [s for s in samples if str(s.record.patient_id) in val_ids]
     log.info("training on %d images, validating on %d", len(train_samples), len(val_samples))
+    return train_samples, val_samples, len(train_patients), len(val_patients)
+
+
+def run_mammo_train(request: TrainRequest) -> Path:
+    """Train and write ``request.out / "model"``; returns that folder."""
+    from inference.manifest import ModelManifest, save_manifest
+    from inference.model import build_model
+    from inference.model_io import save_model
+    from training.ddp import launched_as_worker
+    from training.loop import load_checkpoint_weights, train
+    from training.mammo_dataset import MammoTensorDataset
+    from training.plots import write_training_curves
+
+    config = PreprocessConfig(input_height=request.input_size[0], input_width=request.input_size[1])
+    samples = _rsna_samples(request.dataset, config, request.workers)
+    train_samples, val_samples, n_train_patients, n_val_patients = _split_samples(request, samples)
 
     loop_config = request.loop_config()
     result = train(
@@ -182,22 +98,45 @@ def run_train(request: TrainRequest) -> Path:
         ),
         model_dir,
     )
+    split = {
+        "images_train": len(train_samples),
+        "images_validation": len(val_samples),
+        "patients_train": n_train_patients,
+        "patients_validation": n_val_patients,
+    }
+    manifest = _validated_manifest(request, draft, model_dir, val_samples, split, result)
+    save_manifest(manifest, model_dir)
+    write_training_curves(result.history, request.out)
+    return model_dir
+
+
+def _validated_manifest(
+    request: TrainRequest,
+    draft: ModelManifest,
+    model_dir: Path,
+    val_samples: list[Any],
+    split: dict[str, int],
+    result: TrainResult,
+) -> ModelManifest:
+    """The draft manifest with the threshold, data and figures measured on the validation breasts."""
+    from inference.backends.torch_backend import TorchBackend
+    from training.evaluate import breast_table, predict_samples
+    from training.metrics import binary_metrics, threshold_for_sensitivity
+
     # The operating threshold is chosen on validation breasts scored by the serving backend.
     backend = TorchBackend(model_dir)
     predictions = predict_samples(backend, val_samples)
     _, val_breast_labels, val_scores = breast_table(val_samples, predictions.probabilities)
     threshold = threshold_for_sensitivity(val_breast_labels, val_scores["pagg"], request.target_sensitivity)
     val_metrics = binary_metrics(val_breast_labels, val_scores["pagg"], threshold)
-    manifest = replace(
+    val_patients = split["patients_validation"]
+    return replace(
         draft,
         threshold=float(threshold),
         training_data={
             "dataset": str(request.dataset.name),
             "layout": request.layout,
-            "images_train": len(train_samples),
-            "images_validation": len(val_samples),
-            "patients_train": len(train_patients),
-            "patients_validation": len(val_patients),
+            **split,
             "split": f"by patient, validation fraction {request.val_fraction}, seed {request.seed}",
             "command": "mammonode " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "best_epoch": result.best_epoch,
@@ -206,18 +145,15 @@ def run_train(request: TrainRequest) -> Path:
         },
         metrics={
             "validation_breast": {
-                "measured_on": f"validation split of {request.dataset.name} ({len(val_patients)} patients)",
+                "measured_on": f"validation split of {request.dataset.name} ({val_patients} patients)",
                 "threshold_rule": f"highest threshold reaching sensitivity {request.target_sensitivity}",
                 **{k: v for k, v in val_metrics.items() if k != "confusion_matrix"},
             }
         },
     )
-    save_manifest(manifest, model_dir)
-    write_training_curves(result.history, request.out)
-    return model_dir
 
 
-def run_evaluate(
+def evaluate_mammo(
     dataset: Path,
     *,
     model_dir: Path | None,
@@ -226,23 +162,8 @@ def run_evaluate(
     target_sensitivity: float = 0.9,
     plots_dir: Path | None = None,
     workers: int = 1,
-    layout: str = "rsna",
 ) -> dict[str, Any]:
     """Evaluate the model on a labelled RSNA-layout dataset; see training.evaluate."""
-    if layout != "rsna":
-        # Histology patch sets (idc, folders): patch/patient metrics, see training.histology.
-        from training.histology import evaluate_histology
-
-        if aggregation is not None or plots_dir is not None:
-            log.warning("--aggregation and --plots apply to the rsna layout only; ignored")
-        return evaluate_histology(
-            dataset,
-            model_dir,
-            layout,
-            backend=backend,
-            target_sensitivity=target_sensitivity,
-            workers=workers,
-        )
     from inference.aggregation import AGGREGATIONS
     from inference.backends.registry import load_backend
     from training.evaluate import evaluate_predictions, predict_samples, write_plots
@@ -278,24 +199,6 @@ def run_evaluate(
     if plots_dir is not None:
         report["plots"] = [str(p) for p in write_plots(samples, predictions, method, plots_dir)]
     return report
-
-
-def record_report(report: dict[str, Any], *, model_dir: Path | None, name: str) -> Path:
-    """Store an evaluation report in the model's manifest under ``metrics[name]``.
-
-    The weights are untouched, so their SHA-256 stays valid; the manifest then carries figures
-    that were measured, together with the data they were measured on. The action is logged.
-    """
-    from inference.jsonsafe import json_safe
-    from inference.manifest import load_manifest, save_manifest
-
-    path = resolve_model_dir(model_dir)
-    manifest = load_manifest(path)
-    entry = json_safe({k: v for k, v in report.items() if k != "plots"})
-    entry["recorded"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    save_manifest(replace(manifest, metrics={**manifest.metrics, name: entry}), path)
-    log.info("recorded evaluation as metrics.%s in %s", name, path)
-    return path
 
 
 def _fmt(value: Any) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from inference.device import parse_device as parse_device_text
 from inference.types import MammoNodeError
 
 logger = logging.getLogger(__name__)
@@ -74,11 +75,12 @@ def gpu_unavailable_reason(device_index: int = 0) -> str | None:
 
 
 def parse_device(device: str) -> int:
-    """The CUDA device index of ``cuda`` / ``cuda:N``; ValueError for anything else."""
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or not (index or "0").isdigit():
-        raise ValueError(f"invalid CUDA device {device!r}; use cuda or cuda:N")
-    return int(index or "0")
+    """The CUDA device index of ``cuda`` / ``cuda:N`` (:func:`inference.device.parse_device`);
+    ValueError for anything else, the CPU included: TensorRT needs a GPU."""
+    try:
+        return parse_device_text(device).cuda_index
+    except ValueError:
+        raise ValueError(f"invalid CUDA device {device!r}; use cuda or cuda:N") from None
 
 
 @dataclass(frozen=True)

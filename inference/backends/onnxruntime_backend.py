@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from inference.backends.base import GRAPH_INPUT, GRAPH_OUTPUTS, BackendUnavailable, check_batch
+from inference.device import parse_device
 from inference.manifest import ModelManifest, load_manifest, read_verified
 from inference.types import InputError
 
@@ -62,21 +63,17 @@ def physical_cores() -> int:
 
 def _providers(device: str) -> list[Any]:
     """Execution providers for ``device`` ("cpu", "cuda" or "cuda:N"), CPU always last as fallback."""
-    if device == "cpu":
+    parsed = parse_device(device)
+    if not parsed.is_cuda:
         return [CPU_PROVIDER]
-    if device == "cuda" or device.startswith("cuda:"):
-        index = device.partition(":")[2] or "0"
-        if not index.isdigit():
-            raise ValueError(f"invalid CUDA device {device!r}; use cuda or cuda:N")
-        available = ort.get_available_providers()
-        if CUDA_PROVIDER not in available:
-            raise BackendUnavailable(
-                f"no {CUDA_PROVIDER} in this onnxruntime (install onnxruntime-gpu for CUDA); "
-                f"available: {', '.join(available)}",
-                backend=BACKEND_NAME,
-            )
-        return [(CUDA_PROVIDER, {"device_id": int(index)}), CPU_PROVIDER]
-    raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    available = ort.get_available_providers()
+    if CUDA_PROVIDER not in available:
+        raise BackendUnavailable(
+            f"no {CUDA_PROVIDER} in this onnxruntime (install onnxruntime-gpu for CUDA); "
+            f"available: {', '.join(available)}",
+            backend=BACKEND_NAME,
+        )
+    return [(CUDA_PROVIDER, {"device_id": parsed.cuda_index}), CPU_PROVIDER]
 
 
 def create_session(model: bytes, *, device: str = "cpu", threads: int | None = None) -> Any:

@@ -140,17 +140,7 @@ def build_cam_sc(
     """
     _check_source(source)
     rgb = np.asarray(overlay_rgb)
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"overlay must be (H, W, 3) uint8 RGB, got {rgb.dtype} {rgb.shape}")
-    for name, uid in (("series_instance_uid", series_instance_uid), ("sop_instance_uid", sop_instance_uid)):
-        if not is_valid_uid(uid):
-            raise ValueError(f"invalid {name} {uid!r}")
-    if series_instance_uid == str(source.get("SeriesInstanceUID", "")):
-        raise ValueError("the CAM capture must be in a new series, not the source's series")
-    if sop_instance_uid == str(source.SOPInstanceUID):
-        raise ValueError("the CAM capture must not reuse the source's SOP Instance UID")
-    if not (np.isfinite(probability) and 0.0 <= probability <= 1.0):
-        raise ValueError(f"probability must be in [0, 1], got {probability}")
+    _check_arguments(source, rgb, series_instance_uid, sop_instance_uid, probability)
 
     laterality = _source_laterality(source)
     orientation = _source_patient_orientation(source)
@@ -170,7 +160,7 @@ def build_cam_sc(
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
         # highdicom requires an orientation for PATIENT images but only accepts single letters;
-        # the source's real value (which may be e.g. "FR") is written just below.
+        # the source's real value (which may be e.g. "FR") is written by _describe_capture.
         patient_orientation=("A", "F"),
         # Uncompressed here; RLE with a chosen encoder below (see RLE_ENCODER_PLUGINS).
         transfer_syntax_uid=ExplicitVRLittleEndian,
@@ -185,6 +175,42 @@ def build_cam_sc(
         encoding_plugin=rle_encoder_plugin(),
         generate_instance_uid=False,
     )
+    _describe_capture(sc, source, laterality, orientation)
+    _record_provenance(sc, source, algorithm, probability, content_description)
+
+    logger.debug(
+        "built CAM SC %s for source %s (%dx%d, model %s %s)",
+        sop_instance_uid,
+        source.SOPInstanceUID,
+        rgb.shape[1],
+        rgb.shape[0],
+        algorithm.name,
+        algorithm.version,
+    )
+    return sc
+
+
+def _check_arguments(
+    source: Dataset, rgb: np.ndarray, series_instance_uid: str, sop_instance_uid: str, probability: float
+) -> None:
+    """The overlay is RGB, the new UIDs are valid and new, the probability is one."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"overlay must be (H, W, 3) uint8 RGB, got {rgb.dtype} {rgb.shape}")
+    for name, uid in (("series_instance_uid", series_instance_uid), ("sop_instance_uid", sop_instance_uid)):
+        if not is_valid_uid(uid):
+            raise ValueError(f"invalid {name} {uid!r}")
+    if series_instance_uid == str(source.get("SeriesInstanceUID", "")):
+        raise ValueError("the CAM capture must be in a new series, not the source's series")
+    if sop_instance_uid == str(source.SOPInstanceUID):
+        raise ValueError("the CAM capture must not reuse the source's SOP Instance UID")
+    if not (np.isfinite(probability) and 0.0 <= probability <= 1.0):
+        raise ValueError(f"probability must be in [0, 1], got {probability}")
+
+
+def _describe_capture(
+    sc: highdicom.sc.SCImage, source: Dataset, laterality: str | None, orientation: list[str] | None
+) -> None:
+    """Orientation, laterality, anatomy, conversion type and the reference to the source image."""
     # Type 2C: the source orientation when known, else present but empty.
     sc.PatientOrientation = orientation or []
     # Image-level laterality, not the series-level Laterality: one CAM series holds the captures
@@ -205,6 +231,15 @@ def build_cam_sc(
     ]
     sc.SourceImageSequence = [source_item]
 
+
+def _record_provenance(
+    sc: highdicom.sc.SCImage,
+    source: Dataset,
+    algorithm: AlgorithmInfo,
+    probability: float,
+    content_description: str,
+) -> None:
+    """What computed the capture (derivation, comments) and the source's lossy-compression flag."""
     sc.DerivationDescription = fit(
         f"Class activation map (seed 003 CAM: logit = mean(M) + b) of model {algorithm.name} "
         f"version {algorithm.version}, weights SHA-256 {algorithm.weights_sha256}, "
@@ -225,14 +260,3 @@ def build_cam_sc(
         for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
             if keyword in source:
                 setattr(sc, keyword, source.get(keyword))
-
-    logger.debug(
-        "built CAM SC %s for source %s (%dx%d, model %s %s)",
-        sop_instance_uid,
-        source.SOPInstanceUID,
-        rgb.shape[1],
-        rgb.shape[0],
-        algorithm.name,
-        algorithm.version,
-    )
-    return sc

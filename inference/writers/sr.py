@@ -261,7 +261,53 @@ def build_score_sr(
             algorithm.threshold,
         )
 
-    algorithm_id = AlgorithmIdentification(
+    algorithm_id = _algorithm_identification(algorithm, aggregation)
+    key = algorithm_key(algorithm)
+    breast_groups, private_codes = _breast_groups(study, by_uid, algorithm_id, key, aggregation)
+    groups = [
+        *_image_groups(study, by_uid, algorithm_id, key),
+        *breast_groups,
+        _exam_group(study, by_uid, algorithm_id, key),
+    ]
+    comments = ([algorithm.notice] if algorithm.notice else []) + incompleteness_comments(
+        not_analysed, missing_views, captures_missing
+    )
+    report = _measurement_report(algorithm, groups, comments)
+    complete = not (not_analysed or missing_views)
+
+    evidence = [_evidence_header(by_uid[u]) for u in by_uid]
+    sr = Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        is_complete=complete,
+        series_description=SERIES_DESCRIPTION,
+        manufacturer_model_name=fit(algorithm.name, _LO_MAX),
+        software_versions=[
+            fit(f"{algorithm.name} {algorithm.version}", _LO_MAX),
+            fit(f"sha256:{algorithm.weights_sha256}", _LO_MAX - 1),  # odd total length is padded to 65
+        ],
+        coding_schemes=_coding_schemes(private_codes),
+    )
+    if not complete:
+        sr.CompletionFlagDescription = fit(completion_description(not_analysed, missing_views), _LO_MAX)
+    logger.debug(
+        "built score SR %s for study %s: %d images, %d breasts, exam p=%.4f",
+        sop_instance_uid,
+        study.study_instance_uid,
+        len(study.images),
+        len(study.breasts),
+        study.exam_probability,
+    )
+    return sr
+
+
+def _algorithm_identification(algorithm: AlgorithmInfo, aggregation: str) -> AlgorithmIdentification:
+    return AlgorithmIdentification(
         name=algorithm.name,
         version=algorithm.version,
         parameters=[
@@ -271,10 +317,29 @@ def build_score_sr(
         ],
         manufacturer=MANUFACTURER,
     )
-    key = algorithm_key(algorithm)
-    groups: list[MeasurementsAndQualitativeEvaluations] = []
-    private_codes: list[Code] = []
 
+
+def _coding_schemes(private_codes: list[Code]) -> list[CodingSchemeIdentificationItem] | None:
+    """The private coding scheme's identification, when the report uses one of its codes."""
+    if not private_codes:
+        return None
+    return [
+        CodingSchemeIdentificationItem(
+            designator=PRIVATE_SCHEME,
+            name="MammoNode aggregation methods",
+            responsible_organization=MANUFACTURER,
+        )
+    ]
+
+
+def _image_groups(
+    study: StudyScore,
+    by_uid: dict[str, pydicom.Dataset],
+    algorithm_id: AlgorithmIdentification,
+    key: tuple[str, ...],
+) -> list[MeasurementsAndQualitativeEvaluations]:
+    """One measurement group per scored image: its probability, side and source image."""
+    groups: list[MeasurementsAndQualitativeEvaluations] = []
     for index, image in enumerate(study.images, start=1):
         uid = image.meta.sop_instance_uid
         groups.append(
@@ -289,7 +354,19 @@ def build_score_sr(
                 source_images=[SourceImageForMeasurementGroup.from_source_image(by_uid[uid])],
             )
         )
+    return groups
 
+
+def _breast_groups(
+    study: StudyScore,
+    by_uid: dict[str, pydicom.Dataset],
+    algorithm_id: AlgorithmIdentification,
+    key: tuple[str, ...],
+    aggregation: str,
+) -> tuple[list[MeasurementsAndQualitativeEvaluations], list[Code]]:
+    """One group per breast (coded with its aggregation method), and the private codes used."""
+    groups: list[MeasurementsAndQualitativeEvaluations] = []
+    private_codes: list[Code] = []
     for breast in study.breasts:
         method_code = aggregation_method_code(breast.method or aggregation)
         if method_code.scheme_designator == PRIVATE_SCHEME:
@@ -312,34 +389,46 @@ def build_score_sr(
                 or None,
             )
         )
+    return groups, private_codes
 
+
+def _exam_group(
+    study: StudyScore,
+    by_uid: dict[str, pydicom.Dataset],
+    algorithm_id: AlgorithmIdentification,
+    key: tuple[str, ...],
+) -> MeasurementsAndQualitativeEvaluations:
+    """The exam group: exam probability, threshold and the recommended follow-up."""
     sides = {b.laterality for b in study.breasts if b.laterality in LATERALITY_CODES}
     exam_side = "B" if sides == {"L", "R"} else (next(iter(sides)) if sides else None)
     scored = [by_uid[img.meta.sop_instance_uid] for img in study.images]
-    groups.append(
-        MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(
-                uid=derive_uid(_UID_NAMESPACE, "track-exam", study.study_instance_uid, *key),
-                identifier="Exam",
-            ),
-            finding_sites=[_finding_site(exam_side)],
-            algorithm_id=algorithm_id,
-            measurements=[
-                _probability(study.exam_probability, derivation=MAXIMUM),
-                Measurement(name=THRESHOLD_VALUE, value=float(study.threshold), unit=UNIT_NO_UNITS),
-            ],
-            qualitative_evaluations=[
-                QualitativeEvaluation(
-                    name=RECOMMENDED_FOLLOW_UP,
-                    value=RECALL_FOR_IMAGING_FINDINGS
-                    if study.recall_recommended
-                    else NORMAL_INTERVAL_FOLLOW_UP,
-                )
-            ],
-            source_images=[SourceImageForMeasurementGroup.from_source_image(ds) for ds in scored] or None,
-        )
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=derive_uid(_UID_NAMESPACE, "track-exam", study.study_instance_uid, *key),
+            identifier="Exam",
+        ),
+        finding_sites=[_finding_site(exam_side)],
+        algorithm_id=algorithm_id,
+        measurements=[
+            _probability(study.exam_probability, derivation=MAXIMUM),
+            Measurement(name=THRESHOLD_VALUE, value=float(study.threshold), unit=UNIT_NO_UNITS),
+        ],
+        qualitative_evaluations=[
+            QualitativeEvaluation(
+                name=RECOMMENDED_FOLLOW_UP,
+                value=RECALL_FOR_IMAGING_FINDINGS if study.recall_recommended else NORMAL_INTERVAL_FOLLOW_UP,
+            )
+        ],
+        source_images=[SourceImageForMeasurementGroup.from_source_image(ds) for ds in scored] or None,
     )
 
+
+def _measurement_report(
+    algorithm: AlgorithmInfo,
+    groups: list[MeasurementsAndQualitativeEvaluations],
+    comments: list[str],
+) -> MeasurementReport:
+    """TID 1500 with the device observer, the groups and any document-level comments."""
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
@@ -356,9 +445,6 @@ def build_score_sr(
         procedure_reported=PROCEDURE_SCREENING_MAMMOGRAPHY,
         imaging_measurements=groups,
     )
-    comments = ([algorithm.notice] if algorithm.notice else []) + incompleteness_comments(
-        not_analysed, missing_views, captures_missing
-    )
     if comments:
         # TID 1500 row "Qualitative Evaluations": document-level statements (notice, gaps).
         container = ContainerContentItem(
@@ -373,46 +459,7 @@ def build_score_sr(
             ]
         )
         report[0].ContentSequence.append(container)
-    complete = not (not_analysed or missing_views)
-
-    coding_schemes = None
-    if private_codes:
-        coding_schemes = [
-            CodingSchemeIdentificationItem(
-                designator=PRIVATE_SCHEME,
-                name="MammoNode aggregation methods",
-                responsible_organization=MANUFACTURER,
-            )
-        ]
-    evidence = [_evidence_header(by_uid[u]) for u in by_uid]
-    sr = Comprehensive3DSR(
-        evidence=evidence,
-        content=report,
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=instance_number,
-        manufacturer=MANUFACTURER,
-        is_complete=complete,
-        series_description=SERIES_DESCRIPTION,
-        manufacturer_model_name=fit(algorithm.name, _LO_MAX),
-        software_versions=[
-            fit(f"{algorithm.name} {algorithm.version}", _LO_MAX),
-            fit(f"sha256:{algorithm.weights_sha256}", _LO_MAX - 1),  # odd total length is padded to 65
-        ],
-        coding_schemes=coding_schemes,
-    )
-    if not complete:
-        sr.CompletionFlagDescription = fit(completion_description(not_analysed, missing_views), _LO_MAX)
-    logger.debug(
-        "built score SR %s for study %s: %d images, %d breasts, exam p=%.4f",
-        sop_instance_uid,
-        study.study_instance_uid,
-        len(study.images),
-        len(study.breasts),
-        study.exam_probability,
-    )
-    return sr
+    return report
 
 
 def _image_text(failure: ImageFailure) -> str:

@@ -1,8 +1,11 @@
-"""The `mammonode` command line: the only composition root of the product.
+"""The `mammonode` command line: the app, its global options and ``main()``.
 
-It wires configuration, the `inference` library and (lazily) the training commands together.
-Heavy libraries are imported inside the commands so that `mammonode --help` starts fast. Every
-error the user can cause ends as one readable line on stderr and a non-zero exit status.
+The commands live in the modules of :data:`node.commands.MODULES`, mounted here; together they are
+the only composition root of the product: they wire configuration, the `inference` library and
+(lazily, inside the training and export commands) `training` together. Heavy libraries are
+imported inside the commands so that `mammonode --help` starts fast. Every error the user can
+cause ends as one readable line on stderr and a non-zero exit status. Logging is set up here
+(:mod:`node.logs`): UTC timestamps, or JSON lines with ``--log-format json``.
 """
 
 from __future__ import annotations
@@ -11,14 +14,15 @@ import importlib
 import logging
 import os
 import sys
+from enum import StrEnum
 from importlib.metadata import version as _dist_version
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from inference.phi import quiet_value_checks, scrub_library_logs
 from inference.types import MammoNodeError
+from node import logs
 
 log = logging.getLogger("mammonode")
 
@@ -37,6 +41,11 @@ app = typer.Typer(
 )
 
 
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"mammonode {_dist_version('mammonode')}")
@@ -49,95 +58,38 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")
     ] = False,
+    log_format: Annotated[
+        LogFormat | None,
+        typer.Option(
+            "--log-format",
+            envvar=logs.ENV_VAR,
+            help="Log lines as text (UTC timestamp, level, logger, message) or json (one object a line).",
+        ),
+    ] = None,
 ) -> None:
     """Receive, score and report screening mammograms; train and evaluate the model."""
     logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
+    if log_format is not None:
+        logs.set_format(log_format.value)
 
 
-@app.command()
-def score(
-    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched recursively).")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for SC, SR, PNG and summary.json.")],
-    model: Annotated[
-        Path | None,
-        typer.Option("--model", help="Model folder (model.json + weights); default: bundled demo."),
-    ] = None,
-    backend: Annotated[
-        str, typer.Option(help="Inference backend: auto, torch, onnxruntime or tensorrt.")
-    ] = "auto",
-    aggregation: Annotated[
-        str | None, typer.Option(help="Per-breast aggregation: pagg, mean or max (default: the model's).")
-    ] = None,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print the JSON summary instead of a table.")
-    ] = False,
-) -> None:
-    """Score mammograms offline: table of image, breast and exam scores, DICOM results in --out."""
-    from node.offline import run_score
-
-    code = run_score(
-        paths,
-        out=out,
-        model_dir=model,
-        backend=backend,
-        aggregation=aggregation,
-        json_output=json_output,
-    )
-    raise typer.Exit(code)
-
-
-@app.command()
-def demo(
-    out: Annotated[
-        Path, typer.Option("--out", help="Folder for the demo's SC, SR, PNG and summary.json.")
-    ] = Path("mammonode-demo"),
-    model: Annotated[
-        Path | None,
-        typer.Option("--model", help="Model folder (model.json + weights); default: bundled demo."),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic studies (same seed, same results).")] = 0,
-    offline: Annotated[
-        bool, typer.Option(help="Score the files directly instead of through a node on loopback.")
-    ] = False,
-) -> None:
-    """Start a node on loopback, send it a cancer and a normal 4-view study over DICOM, show the results."""
-    from node.demo import run_demo, score_offline
-
-    try:
-        from training.synth.studies import synthesise_studies
-    except ImportError as exc:
-        hint = "pip install 'mammonode[train]'"
-        typer.echo(f"error: mammonode demo needs the training extra ({exc.name} missing): {hint}", err=True)
-        raise typer.Exit(1) from None
-    step = score_offline if offline else None
-    raise typer.Exit(run_demo(out, model, seed, synthesise=synthesise_studies, score_step=step))
-
-
-def _mount_training() -> None:
-    """Add the training commands; their module imports nothing heavy until a command runs."""
-    from training.cli import register
-
-    register(app)
-
-
-_mount_training()
-
-
-def _mount_node_commands() -> None:
-    """Add the service and admin commands (serve, echo, send, studies, queue, audit, db, model...)."""
+def _mount_commands() -> None:
+    """Add every command module of :data:`node.commands.MODULES`; none imports anything heavy."""
     from node.commands import MODULES
 
     for name in MODULES:
         importlib.import_module(f"node.commands.{name}").register(app)
 
 
-_mount_node_commands()
+_mount_commands()
 
 
 def main() -> None:
     """Console-script entry point: run the app and turn every expected failure into one line."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    env_format = os.environ.get(logs.ENV_VAR, "text").strip().lower()
+    # An unknown value is refused by the --log-format option (same variable), as a usage error.
+    logs.configure(env_format if env_format in logs.LOG_FORMATS else "text", logging.INFO)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it narrates every module it copies
     logging.getLogger("openjpeg").setLevel(logging.WARNING)  # and openjpeg every tile it encodes
     logging.captureWarnings(True)  # library warnings may quote DICOM values: scrubbed like logs

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from node.commands._args import parse_size
+
 if TYPE_CHECKING:
     from node.bench import BenchInputs, ExportOnnx
 
@@ -23,13 +25,6 @@ log = logging.getLogger(__name__)
 
 QUICK_SIZE = (384, 288)
 FOUR_VIEWS = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
-
-
-def _size(text: str) -> tuple[int, int]:
-    rows, sep, cols = text.lower().partition("x")
-    if not sep or not rows.isdigit() or not cols.isdigit() or int(rows) < 64 or int(cols) < 64:
-        raise typer.BadParameter(f"expected ROWSxCOLUMNS of at least 64x64, got {text!r}")
-    return int(rows), int(cols)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -139,7 +134,7 @@ def bench_command(
 
     if pool not in POOL_KINDS:
         raise typer.BadParameter(f"--pool must be one of {', '.join(POOL_KINDS)}, got {pool!r}")
-    image_size = QUICK_SIZE if quick else _size(size)
+    image_size = QUICK_SIZE if quick else parse_size(size)
     settings = BenchSettings(
         model_dir=model,
         iterations=1 if quick else iterations,

@@ -4,13 +4,18 @@ from the command line, to check a peer and to push files (or a whole folder) to 
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from inference.types import MammoNodeError
 from node.commands._admin import ConfigOption
+
+if TYPE_CHECKING:
+    from node.dicom.sender import SendOutcome
 
 AetOption = Annotated[
     str | None,
@@ -23,10 +28,12 @@ class DicomPeerError(MammoNodeError):
 
 
 def _quiet_pynetdicom() -> None:
-    """pynetdicom narrates every association at INFO and repeats our failures at ERROR; the
-    commands print one line of their own instead (all of it with `mammonode -v`)."""
+    """pynetdicom narrates every association at INFO and repeats our failures at ERROR, and the
+    sender logs a refused association; the commands print one line of their own instead (all of
+    it with `mammonode -v`)."""
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+        logging.getLogger("node.dicom.sender").setLevel(logging.ERROR)
 
 
 def _calling_ae(aet: str | None, config: Path | None) -> str:
@@ -64,7 +71,8 @@ def send_command(
     aet: AetOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """C-STORE files to a peer; one line per file that fails, exit 1 if any did."""
+    """C-STORE files to a peer; one line per file that fails (one in all when the peer cannot be
+    reached), exit 1 if any did."""
     from node.config import Destination
     from node.dicom.sender import store_files
     from node.offline import collect_files
@@ -76,15 +84,33 @@ def send_command(
     for path, reason in missing:
         typer.echo(f"error: {path}: {reason}", err=True)
     outcomes = store_files(files, destination, calling) if files else []
-    failed = len(missing)
-    for outcome in outcomes:
-        if not outcome.ok:
-            failed += 1
-            typer.echo(f"error: {outcome.path}: {outcome.detail}", err=True)
+    failed = len(missing) + sum(1 for o in outcomes if not o.ok)
+    for line in failure_lines(outcomes, str(destination)):
+        typer.echo(line, err=True)
     sent = sum(1 for o in outcomes if o.ok)
     typer.echo(f"sent {sent} of {len(outcomes) + len(missing)} file(s) to {destination}")
     if failed:
         raise typer.Exit(1)
+
+
+def failure_lines(outcomes: Sequence[SendOutcome], destination: str) -> list[str]:
+    """One line per file that failed, except that files which got no response for the same reason
+    (the association was refused or lost: nothing was sent) share one line with their count."""
+    unsent: Counter[str] = Counter(o.detail for o in outcomes if not o.ok and o.status is None)
+    lines: list[str] = []
+    said: set[str] = set()
+    for outcome in outcomes:
+        if outcome.ok:
+            continue
+        if outcome.status is None and unsent[outcome.detail] > 1:
+            if outcome.detail not in said:
+                said.add(outcome.detail)
+                lines.append(
+                    f"error: {destination}: {outcome.detail} ({unsent[outcome.detail]} files not sent)"
+                )
+            continue
+        lines.append(f"error: {outcome.path}: {outcome.detail}")
+    return lines
 
 
 def register(app: typer.Typer) -> None:

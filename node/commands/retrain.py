@@ -98,14 +98,16 @@ def retrain_command(
     if export_only:
         export_cases_command(out=out, labels=labels, include_burned_in=include_burned_in, config=config)
         return
-    try:
-        from training.cli import parse_size
-    except ImportError as exc:
+    from importlib.util import find_spec
+
+    from node.commands._args import parse_size
+
+    if find_spec("torch") is None:
         typer.echo(
-            f"error: retrain needs the training extra ({exc.name} missing): pip install 'mammonode[train]'",
+            "error: retrain needs the training extra (torch missing): pip install 'mammonode[train]'",
             err=True,
         )
-        raise typer.Exit(1) from None
+        raise typer.Exit(1)
     from node.audit import cli_actor
     from node.commands._admin import load, open_session
     from node.retrain import RetrainOptions, run_retrain

@@ -28,6 +28,8 @@ def serve(config: ConfigOption = None) -> None:
         f"mammonode serving AE {cfg.ae_title} on {cfg.bind_address}:{cfg.port}, data {cfg.data_dir}, "
         f"database {database_kind(cfg.resolved_database_url)}"
     )
+    if not cfg.destinations:
+        typer.echo("warning: no destinations configured: results stay in the outbox", err=True)
     Node(cfg).serve_forever()
 
 

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     Boolean,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
@@ -29,6 +30,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from node.db.states import JobState, StudyState, TransmissionState, check_sql
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -77,15 +80,17 @@ class Association(Base):
 
 
 class Study(Base):
-    """A study as received; ``state`` drives assembly: receiving -> ready -> scoring -> scored."""
+    """A study as received; ``state`` (:class:`~node.db.states.StudyState`) drives assembly:
+    receiving -> queued -> scoring -> scored."""
 
     __tablename__ = "studies"
+    __table_args__ = (CheckConstraint(check_sql("state", StudyState), name="state"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_uid: Mapped[str] = mapped_column(UID, unique=True)
     patient_id: Mapped[str] = mapped_column(String(64))
     accession_number: Mapped[str | None] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    state: Mapped[str] = mapped_column(String(16), default=StudyState.RECEIVING, index=True)
     first_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     ready_at: Mapped[dt.datetime | None]
@@ -163,6 +168,7 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("study_id", "version", name="uq_jobs_study_version"),
         Index("ix_jobs_state_created", "state", "created_at"),
+        CheckConstraint(check_sql("state", JobState), name="state"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -170,8 +176,8 @@ class Job(Base):
     version: Mapped[int] = mapped_column(Integer)
     lateralities: Mapped[str] = mapped_column(String(8))
     """The breasts this version re-scores, e.g. ``LR`` or ``L``."""
-    state: Mapped[str] = mapped_column(String(16), default="pending")
-    """pending -> claimed -> done | failed."""
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
+    """:class:`~node.db.states.JobState`: pending -> claimed -> done | failed (| dropped)."""
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     """Failures the job raised itself (a worker dying while holding it is not one)."""
     retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -238,14 +244,16 @@ class Transmission(Base):
     __table_args__ = (
         UniqueConstraint("output_id", "destination", name="uq_transmissions_output_destination"),
         Index("ix_transmissions_state_next", "state", "next_attempt_at"),
+        CheckConstraint(check_sql("state", TransmissionState), name="state"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     output_id: Mapped[int] = mapped_column(ForeignKey("output_objects.id", ondelete="CASCADE"))
     destination: Mapped[str] = mapped_column(String(300))
     """``AE@HOST:PORT``."""
-    state: Mapped[str] = mapped_column(String(16), default="pending")
-    """pending | sent | failed (will retry) | dead (permanent or too old) | dropped (by an operator)."""
+    state: Mapped[str] = mapped_column(String(16), default=TransmissionState.PENDING)
+    """:class:`~node.db.states.TransmissionState`: pending | sent | failed (will retry) | dead
+    (permanent or too old) | dropped (by an operator)."""
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text)

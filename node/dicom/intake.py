@@ -32,19 +32,20 @@ from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from inference.dicom_io import DX_MAMMO_FOR_PROCESSING, is_mammogram, read_meta
+from inference.dicom_header import DX_MAMMO_FOR_PROCESSING, is_mammogram, read_meta
 from inference.phi import scrub
 from inference.types import UNKNOWN, ImageMeta, InputError
 from inference.uids import is_valid_uid
 from node import audit
 from node.db.models import Breast, Instance, Study, utcnow
+from node.db.states import StudyState
 from node.dicom import codestream
 from node.dicom.spool import InvalidUIDError
 
 log = logging.getLogger(__name__)
 
 ACTOR = "scp"
-RECEIVING = "receiving"
+RECEIVING = StudyState.RECEIVING
 FOR_PROCESSING_REASON = "For Processing image (raw detector data) is not scored"
 HEADER_DEFER_BYTES = 64 * 1024
 """Elements larger than this (pixel data, big private blobs) are left unread while parsing."""

@@ -63,7 +63,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from inference.dicom_io import DX_MAMMO_FOR_PRESENTATION, DX_MAMMO_FOR_PROCESSING
+from inference.dicom_header import DX_MAMMO_FOR_PRESENTATION, DX_MAMMO_FOR_PROCESSING
 from inference.phi import describe, scrub_library_logs
 from inference.types import InputError
 from inference.uids import is_valid_uid

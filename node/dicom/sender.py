@@ -31,11 +31,12 @@ from pynetdicom.association import Association
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inference.dicom_io import read_dataset
+from inference.dicom_header import read_dataset
 from inference.types import InputError
 from node import audit
 from node.config import ConfigError, Destination, NodeConfig
 from node.db.models import Job, OutputObject, Study, Transmission, as_utc, utcnow
+from node.db.states import TRANSMISSION_DUE, TransmissionState, check_transition
 from node.dicom.status import RejectResult, is_success, is_transient_failure, status_name
 
 log = logging.getLogger(__name__)
@@ -294,7 +295,7 @@ def _due(session: Session, now: dt.datetime) -> list[_Due]:
         .join(OutputObject, Transmission.output_id == OutputObject.id)
         .join(Job, OutputObject.job_id == Job.id)
         .join(Study, Job.study_id == Study.id)
-        .where(Transmission.state.in_(("pending", "failed")), Transmission.next_attempt_at <= now)
+        .where(Transmission.state.in_(TRANSMISSION_DUE), Transmission.next_attempt_at <= now)
         .order_by(Transmission.next_attempt_at, Transmission.id)
         .limit(DUE_BATCH)
     )
@@ -314,7 +315,7 @@ def _send_to(config: NodeConfig, destination_text: str, items: list[_Due]) -> li
 
 def _apply(session: Session, config: NodeConfig, item: _Due, outcome: SendOutcome, now: dt.datetime) -> None:
     row = session.get(Transmission, item.id)
-    if row is None or row.state not in ("pending", "failed"):
+    if row is None or row.state not in TRANSMISSION_DUE:
         return  # dropped or retried by an operator meanwhile
     row.attempts += 1
     details = {
@@ -324,21 +325,22 @@ def _apply(session: Session, config: NodeConfig, item: _Due, outcome: SendOutcom
         "status": outcome.detail,
     }
     if outcome.ok:
-        row.state, row.sent_at, row.last_error = "sent", now, None
+        row.state = check_transition(row.state, TransmissionState.SENT)
+        row.sent_at, row.last_error = now, None
         event = audit.RESULT_SENT
         log.info("sent %s to %s", item.sop_instance_uid, item.destination)
     else:
         row.last_error = outcome.detail[:2000]
         too_old = now - as_utc(item.created_at) > dt.timedelta(hours=config.retry_max_age_hours)
         if outcome.permanent or too_old:
-            row.state = "dead"
+            row.state = check_transition(row.state, TransmissionState.DEAD)
             event = audit.RESULT_DEAD
             details["reason"] = "permanent failure" if outcome.permanent else "older than retry_max_age_hours"
             log.warning(
                 "gave up sending %s to %s: %s", item.sop_instance_uid, item.destination, outcome.detail
             )
         else:
-            row.state = "failed"
+            row.state = check_transition(row.state, TransmissionState.FAILED)
             delay = backoff_seconds(config, row.attempts)
             row.next_attempt_at = now + dt.timedelta(seconds=delay)
             event = audit.RESULT_FAILED

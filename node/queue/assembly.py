@@ -26,11 +26,12 @@ from inference.types import view_key
 from node import audit
 from node.config import NodeConfig
 from node.db.models import Breast, Instance, Job, Study, as_utc, utcnow
+from node.db.states import JobState, StudyState, check_transition, move
 
 log = logging.getLogger(__name__)
 
 ACTOR = "assembly"
-ACTIVE_JOB_STATES = ("pending", "claimed")
+ACTIVE_JOB_STATES = (JobState.PENDING, JobState.CLAIMED)
 
 
 def missing_views(config: NodeConfig, instances: Iterable[Instance]) -> set[str]:
@@ -64,16 +65,17 @@ def _has_active_job(session: Session, study_id: int) -> bool:
     )
 
 
-def _leave_receiving(session: Session, study: Study, state: str) -> bool:
+def _leave_receiving(session: Session, study: Study, state: StudyState) -> bool:
     """Conditionally move ``study`` out of ``receiving``; False if an instance arrived meanwhile."""
+    leave = move(StudyState.RECEIVING, state)
     result = session.execute(
         update(Study)
         .where(
             Study.id == study.id,
-            Study.state == "receiving",
+            Study.state == leave.old,
             Study.last_received_at == study.last_received_at,
         )
-        .values(state=state)
+        .values(state=leave.new)
         .execution_options(synchronize_session=False)
     )
     return getattr(result, "rowcount", 0) == 1
@@ -93,7 +95,7 @@ def _promote_one(session: Session, config: NodeConfig, study: Study, now: dt.dat
         return None
     if not scorable:
         # Nothing to score (non-mammography, For Processing...): only the quiet period ends it.
-        if reason != "quiet period" or not _leave_receiving(session, study, "skipped"):
+        if reason != "quiet period" or not _leave_receiving(session, study, StudyState.SKIPPED):
             return None
         audit.record(
             session,
@@ -111,12 +113,12 @@ def _promote_one(session: Session, config: NodeConfig, study: Study, now: dt.dat
         sides = sorted({i.laterality for i in scorable})  # never scored: every breast is new
     if not sides:
         # A resent copy of images already scored: nothing new to score.
-        _leave_receiving(session, study, "scored")
+        _leave_receiving(session, study, StudyState.SCORED)
         return None
-    if not _leave_receiving(session, study, "queued"):
+    if not _leave_receiving(session, study, StudyState.QUEUED):
         return None
     version = _next_version(session, study)
-    job = Job(study_id=study.id, version=version, lateralities="".join(sides), state="pending")
+    job = Job(study_id=study.id, version=version, lateralities="".join(sides), state=JobState.PENDING)
     session.add(job)
     session.execute(
         update(Study)
@@ -154,12 +156,12 @@ def promote_ready(
     """
     now = as_utc(now) if now is not None else utcnow()
     with sessions() as session:
-        study_ids = list(session.scalars(select(Study.id).where(Study.state == "receiving")))
+        study_ids = list(session.scalars(select(Study.id).where(Study.state == StudyState.RECEIVING)))
     created: list[int] = []
     for study_id in study_ids:
         with sessions() as session:
             study = session.get(Study, study_id)
-            if study is None or study.state != "receiving":
+            if study is None or study.state != StudyState.RECEIVING:
                 continue
             try:
                 job_id = _promote_one(session, config, study, now)
@@ -186,16 +188,16 @@ def requeue_stale_claims(sessions: sessionmaker[Session], *, worker: str | None 
     """
     requeued = 0
     with sessions() as session:
-        query = select(Job).where(Job.state == "claimed")
+        query = select(Job).where(Job.state == JobState.CLAIMED)
         if worker is not None:
             query = query.where(Job.claimed_by == worker)
         for job in session.scalars(query):
             study = session.get(Study, job.study_id)
-            job.state = "pending"
+            job.state = check_transition(job.state, JobState.PENDING)
             job.claimed_by = None
             job.claimed_at = None
-            if study is not None and study.state == "scoring":
-                study.state = "queued"
+            if study is not None and study.state == StudyState.SCORING:
+                study.state = check_transition(study.state, StudyState.QUEUED)
             requeued += 1
             log.info("job %d (version %d) requeued after an interrupted run", job.id, job.version)
         session.commit()

@@ -13,8 +13,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import Instance, Job, OutputObject, Score, Study, Transmission
+from node.db.states import JobState, TransmissionState
 
-DELIVERY_STATES = ("sent", "pending", "failed", "dead")
+DELIVERY_STATES = (
+    TransmissionState.SENT,
+    TransmissionState.PENDING,
+    TransmissionState.FAILED,
+    TransmissionState.DEAD,
+)
 
 
 def recent_studies(sessions: sessionmaker[Session], limit: int = 20) -> list[dict[str, Any]]:
@@ -35,13 +41,13 @@ def recent_studies(sessions: sessionmaker[Session], limit: int = 20) -> list[dic
             )
             job = session.scalars(
                 select(Job)
-                .where(Job.study_id == study.id, Job.state == "done")
+                .where(Job.study_id == study.id, Job.state == JobState.DONE)
                 .order_by(Job.version.desc())
                 .limit(1)
             ).first()
             scores = list(session.scalars(select(Score).where(Score.job_id == job.id))) if job else []
             exam = next((s for s in scores if s.level == "exam"), None)
-            delivery = dict.fromkeys(DELIVERY_STATES, 0)
+            delivery = {str(s): 0 for s in DELIVERY_STATES}
             rows = session.execute(
                 select(Transmission.state, func.count())
                 .join(OutputObject, Transmission.output_id == OutputObject.id)

@@ -22,6 +22,7 @@ from inference.types import StudyScore
 from inference.uids import is_valid_uid
 from node.config import Destination
 from node.db.models import OutputObject, Score, Transmission, utcnow
+from node.db.states import TransmissionState
 from node.dicom.intake import side_code
 from node.dicom.spool import fsync_dir
 
@@ -131,7 +132,10 @@ def add_output(
         if str(destination) not in existing:
             session.add(
                 Transmission(
-                    output_id=output.id, destination=str(destination), state="pending", next_attempt_at=now
+                    output_id=output.id,
+                    destination=str(destination),
+                    state=TransmissionState.PENDING,
+                    next_attempt_at=now,
                 )
             )
     return output

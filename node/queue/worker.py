@@ -34,7 +34,7 @@ from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from inference.aggregation import aggregate_studies
-from inference.dicom_io import read_dataset, read_meta
+from inference.dicom_header import read_dataset, read_meta
 from inference.phi import describe, scrub, where
 from inference.pipeline import Pipeline, PreparedImage, StudyOutputs, prepare_image
 from inference.pixel_pool import PixelPool, release_memory, shared_pool
@@ -43,6 +43,7 @@ from inference.types import ImageFailure, ImageMeta, ImageScore, InputError, Pre
 from node import audit
 from node.config import NodeConfig
 from node.db.models import Breast, Instance, Job, Score, Study, utcnow
+from node.db.states import JobState, StudyState, check_transition, move
 from node.dicom.intake import side_code
 from node.queue.assembly import requeue_stale_claims
 from node.queue.model import PipelineFactory, register_model, select_model_dir
@@ -57,6 +58,10 @@ log = logging.getLogger(__name__)
 
 ACTOR = "worker"
 MAX_ERROR_CHARS = 2000
+CLAIM = move(JobState.PENDING, JobState.CLAIMED)
+START_SCORING = move(StudyState.QUEUED, StudyState.SCORING)
+"""A claim moves the job's study too, if it is still queued (a late image may have reopened it)."""
+COMPLETE = move(JobState.CLAIMED, JobState.DONE)
 POOL_IDLE_SECONDS = 15.0
 """With no job for this long the pixel pool's children are stopped (idle memory back to the node
 process alone); the next job starts them again, which costs about a second."""
@@ -89,7 +94,7 @@ def claim_job(
         for _ in range(8):  # another worker may win the candidate; try the next one
             job_id = session.scalar(
                 select(Job.id)
-                .where(Job.state == "pending", _due(now))
+                .where(Job.state == JobState.PENDING, _due(now))
                 .order_by(Job.created_at, Job.id)
                 .limit(1)
                 .with_for_update(skip_locked=True)
@@ -99,16 +104,16 @@ def claim_job(
                 return None
             claimed = session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.state == "pending")
-                .values(state="claimed", claimed_by=worker_name, claimed_at=now)
+                .where(Job.id == job_id, Job.state == CLAIM.old)
+                .values(state=CLAIM.new, claimed_by=worker_name, claimed_at=now)
                 .execution_options(synchronize_session=False)
             )
             if getattr(claimed, "rowcount", 0) == 1:
                 study_id = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
                 session.execute(
                     update(Study)
-                    .where(Study.id == study_id, Study.state == "queued")
-                    .values(state="scoring")
+                    .where(Study.id == study_id, Study.state == START_SCORING.old)
+                    .values(state=START_SCORING.new)
                     .execution_options(synchronize_session=False)
                 )
                 session.commit()
@@ -207,7 +212,8 @@ class Worker:
         """
         requeue_stale_claims(self.sessions, worker=self.name)
         with self.sessions() as session:
-            if session.scalar(select(Job.id).where(Job.state == "pending", _due(utcnow())).limit(1)) is None:
+            pending = select(Job.id).where(Job.state == JobState.PENDING, _due(utcnow())).limit(1)
+            if session.scalar(pending) is None:
                 self._pool.close_if_idle(POOL_IDLE_SECONDS)
                 return 0
         pipeline = self.load()
@@ -434,7 +440,7 @@ class Worker:
                 )
                 for kind, obj, path, sources in files
             ]
-            state = self._update_study(session, work, "scored")
+            state = self._update_study(session, work, StudyState.SCORED)
             self._audit_capture_failures(session, work, result)
             breasts = {side_code(b.laterality): round(b.probability, 6) for b in study_score.breasts}
             audit.record(
@@ -506,7 +512,7 @@ class Worker:
         with self.sessions() as session:
             if not self._complete_job(session, work):
                 return
-            state = self._update_study(session, work, "skipped")
+            state = self._update_study(session, work, StudyState.SKIPPED)
             audit.record(
                 session,
                 audit.STUDY_SKIPPED,
@@ -524,8 +530,8 @@ class Worker:
         """Mark the job done if this worker still holds its claim (False: leave it alone)."""
         done = session.execute(
             update(Job)
-            .where(Job.id == work.job_id, Job.state == "claimed", Job.claimed_by == self.name)
-            .values(state="done", finished_at=utcnow(), error=None, model_version_id=self._model_id)
+            .where(Job.id == work.job_id, Job.state == COMPLETE.old, Job.claimed_by == self.name)
+            .values(state=COMPLETE.new, finished_at=utcnow(), error=None, model_version_id=self._model_id)
             .execution_options(synchronize_session=False)
         )
         if getattr(done, "rowcount", 0) != 1:
@@ -536,7 +542,7 @@ class Worker:
             return False
         return True
 
-    def _update_study(self, session: Session, work: _Work, state: str) -> str:
+    def _update_study(self, session: Session, work: _Work, state: StudyState) -> str:
         """Clear the re-scored breasts and set the study's state; returns the state it ends in.
 
         A breast with a scorable instance this run did not see (it arrived while scoring) stays
@@ -559,17 +565,17 @@ class Worker:
                 .values(dirty=False, scored_version=work.version)
                 .execution_options(synchronize_session=False)
             )
-        if state == "scored":
+        if state == StudyState.SCORED:
             session.execute(
                 update(Study)
                 .where(Study.id == work.study_id, Study.scored_version < work.version)
                 .values(scored_version=work.version)
                 .execution_options(synchronize_session=False)
             )
-        new_state = "receiving" if late else state
-        session.execute(
+        new_state = StudyState.RECEIVING if late else state
+        session.execute(  # from any state but receiving (STUDY_TRANSITIONS): a late image wins
             update(Study)
-            .where(Study.id == work.study_id, Study.state != "receiving")
+            .where(Study.id == work.study_id, Study.state != StudyState.RECEIVING)
             .values(state=new_state)
             .execution_options(synchronize_session=False)
         )
@@ -582,7 +588,7 @@ class Worker:
         now = utcnow()
         with self.sessions() as session:
             job = session.get(Job, job_id)
-            if job is None or job.state != "claimed" or job.claimed_by != self.name:
+            if job is None or job.state != JobState.CLAIMED or job.claimed_by != self.name:
                 session.rollback()
                 return
             study = session.get(Study, job.study_id)
@@ -598,10 +604,11 @@ class Worker:
                 delay = failure_delay(job.attempts)
                 final = job.attempts >= MAX_ATTEMPTS
             if final:
-                job.state, job.finished_at = "failed", now
+                job.state, job.finished_at = check_transition(job.state, JobState.FAILED), now
                 log.error("job %d failed for good after %d attempts: %s", job_id, job.attempts, error)
             else:
-                job.state, job.claimed_by, job.claimed_at = "pending", None, None
+                job.state = check_transition(job.state, JobState.PENDING)
+                job.claimed_by, job.claimed_at = None, None
                 job.next_attempt_at = now + dt.timedelta(seconds=delay)
                 log.warning(
                     "job %d %s; retrying in %.0f s: %s",
@@ -613,8 +620,9 @@ class Worker:
                     error,
                 )
             if study is not None:
-                if study.state != "receiving":
-                    study.state = "failed" if final else "queued"
+                if study.state != StudyState.RECEIVING:
+                    settled = StudyState.FAILED if final else StudyState.QUEUED
+                    study.state = check_transition(study.state, settled)
                 if final or not transient or job.retries == 1:  # a long outage is audited once
                     audit.record(
                         session,

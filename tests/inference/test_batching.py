@@ -22,11 +22,11 @@ from inference.batching import read_path, score_stream
 from inference.manifest import ModelManifest
 from inference.pipeline import Pipeline, PreparedImage
 from inference.pixel_pool import PixelPool, PoolKind
-from inference.types import ImageMeta, ImageScore, InputError, PreprocessConfig
+from inference.types import SCREENING_VIEWS, ImageMeta, ImageScore, InputError, PreprocessConfig
 from inference.uids import derive_uid
 
 GRID = (128, 64)
-VIEWS = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
+VIEWS = [(side, view) for side, view in (key.split("-") for key in SCREENING_VIEWS)]
 J2K = "1.2.840.10008.1.2.4.90"
 
 

@@ -8,7 +8,7 @@ synthetic generator at its bit depths (12 and 14 as digital mammograms, 16 as di
 
 Each encode runs in a spawned child, so an abort or a segfault fails the test through the
 child's exit status instead of killing pytest. The parent re-reads the written file and decodes
-it with the node's own :func:`inference.dicom_io.decode_pixels`, which must give the pixels back
+it with the node's own :func:`inference.dicom_pixels.decode_pixels`, which must give the pixels back
 bit for bit.
 """
 
@@ -26,7 +26,8 @@ from mg_source_factory import make_dx_mg
 from pydicom.pixels import pixel_array
 from pydicom.uid import RLELossless, SecondaryCaptureImageStorage
 
-from inference.dicom_io import decode_pixels, read_dataset
+from inference.dicom_header import read_dataset
+from inference.dicom_pixels import decode_pixels
 from inference.types import RESEARCH_NOTICE, AlgorithmInfo
 from inference.writers.sc import build_cam_sc, cam_sc_uids
 from training.synth import TRANSFER_SYNTAXES, make_dicom, write_dicom
@@ -273,7 +274,7 @@ def test_cam_capture_names_its_rle_encoder(monkeypatch: pytest.MonkeyPatch) -> N
 def test_node_decodes_without_gdcm(syntax: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Decoding names its plugins too: GDCM is installed as a decoder of these syntaxes (and on
     a corrupt JPEG-LS stream aborts), but :func:`decode_pixels` never asks it."""
-    import inference.dicom_io as dicom_io
+    import inference.dicom_pixels as dicom_pixels
 
     asked: list[str] = []
 
@@ -282,7 +283,7 @@ def test_node_decodes_without_gdcm(syntax: str, monkeypatch: pytest.MonkeyPatch,
         return np.asarray(pixel_array(src, **kwargs))  # type: ignore[arg-type]
 
     encode_synth_in_child(tmp_path, syntax, 40, 33, (16,))  # a valid file: in process is safe here
-    monkeypatch.setattr(dicom_io, "pixel_array", spy)
+    monkeypatch.setattr(dicom_pixels, "pixel_array", spy)
     check_synth(tmp_path, syntax, 40, 33, (16,))
     assert asked and "" not in asked and "gdcm" not in asked
-    assert set(asked) <= set(dicom_io._PLUGIN_ORDER) and "gdcm" not in dicom_io._PLUGIN_ORDER
+    assert set(asked) <= set(dicom_pixels._PLUGIN_ORDER) and "gdcm" not in dicom_pixels._PLUGIN_ORDER

@@ -22,12 +22,12 @@ from inference.backends import onnxruntime_backend as ortb
 from inference.backends.base import Backend, BackendUnavailable
 from inference.backends.parity import compare_outputs
 from inference.backends.registry import load_backend
-from inference.dicom_io import read_meta
+from inference.dicom_header import read_meta
 from inference.pipeline import Pipeline
-from inference.types import InputError
+from inference.types import SCREENING_VIEWS, InputError
 
 PROBABILITY_ATOL = 1e-4
-FOUR_VIEWS = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
+FOUR_VIEWS = [(side, view) for side, view in (key.split("-") for key in SCREENING_VIEWS)]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from peers import write_study
 import inference.pipeline
 from inference.aggregation import aggregate_studies
 from inference.backends.registry import load_backend
-from inference.dicom_io import read_dataset, read_meta
+from inference.dicom_header import read_dataset, read_meta
 from inference.pipeline import Pipeline, prepare_image
 from inference.pixel_pool import CHILD_DIED, PixelPool
 from inference.rendering import Capture, CaptureTask, render_capture

@@ -16,7 +16,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
 
-from inference.dicom_io import decode_pixels, read_dataset, read_meta
+from inference.dicom_header import read_dataset, read_meta
+from inference.dicom_pixels import decode_pixels
 from inference.geometry import grid_to_original, original_to_grid
 from inference.preprocessing import find_breast, preprocess, preprocess_array
 from inference.types import GeometricTransform, ImageMeta, InputError, PreprocessConfig

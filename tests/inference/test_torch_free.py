@@ -47,7 +47,7 @@ except inference.backends.base.BackendUnavailable as exc:
 SCORE = """
 import json
 from pathlib import Path
-from node.cli import main
+from node.commands.app import main
 
 args = json.loads(sys.argv[1])
 sys.argv = ["mammonode", "score", *args["files"], "--out", args["out"], "--model", args["model"],

@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from inference.manifest import load_manifest
-from node import cli
 from node.bench import SYNTAXES, data_inputs
+from node.commands import app as cli
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ Every test that touches a database runs on SQLite and on PostgreSQL (the ``db_ki
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from alembic.script import ScriptDirectory
 from postgres_cluster import free_port
 from sqlalchemy import Engine, delete, func, inspect, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node import audit
@@ -40,6 +41,7 @@ from node.db.models import (
     Transmission,
 )
 from node.db.session import make_engine
+from node.db.states import JobState, StudyState, TransmissionState, values
 
 NODE_TABLES = set(Base.metadata.tables)
 SECRET = "s3cret-Pa55"
@@ -142,6 +144,38 @@ def test_models_and_migrations_agree(db_url: str) -> None:
     with engine_on(db_url) as engine, engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
+
+
+def test_state_checks_name_every_state_of_the_enums() -> None:
+    """0003 writes the words out; a state added to an enum needs a revision that widens its CHECK."""
+    revision = importlib.import_module("migrations.versions.0003_state_checks")
+    assert {
+        "studies": values(StudyState),
+        "jobs": values(JobState),
+        "transmissions": values(TransmissionState),
+    } == revision.STATES
+
+
+def test_database_refuses_a_state_outside_the_enums(sessions: sessionmaker[Session]) -> None:
+    """The CHECK constraints hold whatever writes the row: ORM, a bare UPDATE, or an operator's SQL."""
+    with sessions() as session:
+        fill_every_table(session)
+        session.commit()
+    for model, table in ((Study, "studies"), (Job, "jobs"), (Transmission, "transmissions")):
+        with sessions() as session, pytest.raises(IntegrityError, match=f"ck_{table}_state"):
+            session.execute(update(model).values(state="limbo"))
+            session.flush()
+        with sessions() as session, pytest.raises(IntegrityError, match=f"ck_{table}_state"):
+            session.execute(text(f"UPDATE {table} SET state = 'PENDING'"))  # the member name, not its value
+            session.flush()
+    with sessions() as session:
+        assert session.scalar(select(Study.state)) == StudyState.RECEIVING
+        assert session.scalar(select(Job.state)) == JobState.PENDING
+        assert session.scalar(select(Transmission.state)) == TransmissionState.PENDING
+        for state in JobState:  # every word of the enum is accepted
+            session.execute(update(Job).values(state=state))
+            session.flush()
+        session.rollback()
 
 
 def test_downgrade_with_data_then_upgrade_again(sessions: sessionmaker[Session], db_url: str) -> None:

@@ -11,9 +11,9 @@ import pydicom
 import pytest
 from typer.testing import CliRunner
 
-from inference.dicom_io import read_dataset, read_meta
+from inference.dicom_header import read_dataset, read_meta
 from inference.types import RESEARCH_NOTICE
-from node import cli
+from node.commands import app as cli
 from node.demo import run_demo
 from training.synth.studies import FOUR_VIEWS, synthesise_studies
 
@@ -145,7 +145,7 @@ def test_score_step_sees_the_synthetic_files_which_are_removed_afterwards(
         calls.append((list(files), step_out, model))
         return 7
 
-    assert run_demo(out, test_model, 0, synthesise=synthesise_studies, score_step=fake_step) == 7
+    assert run_demo(out, test_model, 0, synthesise=synthesise_studies, score_step=fake_step).exit_code == 7
     assert len(calls) == 1
     files, step_out, model = calls[0]
     assert len(files) == 8 and step_out == out and model == test_model

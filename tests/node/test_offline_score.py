@@ -28,7 +28,7 @@ from typer.testing import CliRunner, Result
 from inference.manifest import load_manifest
 from inference.overlay import BANNER_RGB
 from inference.types import RESEARCH_NOTICE
-from node import cli
+from node.commands import app as cli
 from training.datasets.rsna import load_rsna
 from training.synth import TRANSFER_SYNTAXES
 

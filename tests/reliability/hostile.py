@@ -470,7 +470,8 @@ def decode_bytes(data: bytes) -> tuple[int, ...]:
     child process: a codec may abort). Returns the decoded shape; InputError when unusable."""
     import tempfile
 
-    from inference.dicom_io import decode_pixels, read_dataset
+    from inference.dicom_header import read_dataset
+    from inference.dicom_pixels import decode_pixels
 
     with tempfile.TemporaryDirectory(prefix="mammonode-fuzz-") as folder:
         path = Path(folder) / "instance.dcm"

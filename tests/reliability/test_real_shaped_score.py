@@ -24,7 +24,8 @@ import pytest
 from corpus import NOMINAL_SIZE, real_shaped_corpus
 from pydicom.uid import JPEG2000Lossless, RLELossless, SecondaryCaptureImageStorage
 
-from inference.dicom_io import decode_pixels, read_dataset, read_meta
+from inference.dicom_header import read_dataset, read_meta
+from inference.dicom_pixels import decode_pixels
 
 pytestmark = pytest.mark.slow
 

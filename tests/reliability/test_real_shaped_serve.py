@@ -37,7 +37,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inference.dicom_io import decode_pixels
+from inference.dicom_pixels import decode_pixels
 from node.db.models import Instance
 
 pytestmark = [pytest.mark.peers, pytest.mark.dcmtk, pytest.mark.slow]

@@ -8,7 +8,7 @@ import pytest
 
 from inference.backends.torch_backend import TorchBackend
 from inference.bundled import bundled_model_dir
-from inference.dicom_io import read_dataset, read_meta
+from inference.dicom_header import read_dataset, read_meta
 from inference.manifest import load_manifest, verify_weights
 from inference.pipeline import Pipeline
 from inference.types import RESEARCH_NOTICE

@@ -27,7 +27,7 @@ from inference.manifest import file_sha256, load_manifest
 from inference.model import build_model
 from inference.model_io import load_model, save_model
 from inference.types import MammoNodeError
-from node.cli import app
+from node.commands.app import app
 
 RTOL, ATOL = 1e-3, 1e-4
 

@@ -67,7 +67,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]
 
 
 def test_calibration_batches_are_full_batches_of_served_inputs(dataset: tuple[Path, list[Path]]) -> None:
-    from inference.dicom_io import read_dataset
+    from inference.dicom_header import read_dataset
 
     folder, paths = dataset
     batches = list(calibration_batches(folder, CONFIG, in_chans=1, batch_size=2, limit=10))
@@ -162,7 +162,7 @@ def test_build_says_tensorrt_is_missing(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_export_group_has_the_tensorrt_command() -> None:
-    from node.cli import app
+    from node.commands.app import app
 
     result = CliRunner().invoke(app, ["export", "tensorrt", "--help"])
     assert result.exit_code == 0

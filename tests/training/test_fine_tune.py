@@ -11,7 +11,7 @@ from inference.bundled import bundled_model_dir
 from inference.manifest import load_manifest
 from inference.model_io import load_model
 from inference.types import InputError
-from training.run import TrainRequest
+from training.request import TrainRequest
 
 
 def test_initial_model_starts_from_the_named_weights_and_records_them(tmp_path: Path) -> None:

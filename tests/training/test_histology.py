@@ -27,7 +27,7 @@ from training.datasets.histology import (
     load_idc,
 )
 from training.histology import METRIC_KEYS, evaluate_histology, run_histology_train, split_groups
-from training.run import TrainRequest
+from training.request import TrainRequest
 
 SIZE = 32
 
@@ -324,7 +324,7 @@ def test_evaluate_rejects_an_unknown_layout_and_a_grey_model(
 def test_cli_train_and_evaluate_idc(idc_run: tuple[Path, Path], tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from node.cli import app
+    from node.commands.app import app
 
     data, trained = idc_run
     runner = CliRunner()

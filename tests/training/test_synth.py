@@ -18,9 +18,10 @@ import pytest
 from pydicom.pixels import pixel_array
 from typer.testing import CliRunner
 
-from inference.dicom_io import decode_pixels, is_mammogram, read_dataset, read_meta
+from inference.dicom_header import is_mammogram, read_dataset, read_meta
+from inference.dicom_pixels import decode_pixels
 from inference.uids import derive_uid
-from node import cli
+from node.commands import app as cli
 from training.datasets.rsna import LESION_COLUMNS, RSNA_COLUMNS
 from training.synth import (
     DEFAULT_SIZES,

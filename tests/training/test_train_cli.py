@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from inference.manifest import load_manifest
 from inference.model_io import load_model
-from node.cli import app
+from node.commands.app import app
 from training.synth import generate_dataset
 
 MAMMONODE = Path(sys.executable).with_name("mammonode")

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from inference.dicom_io import read_dataset
+from inference.dicom_header import read_dataset
 from inference.geometry import original_to_grid
 from inference.preprocessing import preprocess
 from inference.types import GeometricTransform, InputError, PreprocessConfig

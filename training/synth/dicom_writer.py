@@ -14,14 +14,17 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    DigitalMammographyXRayImageStorageForPresentation,
+    SecondaryCaptureImageStorage,
+)
 
 from inference.uids import derive_uid, is_valid_uid
 from training.synth.encoding import TRANSFER_SYNTAXES, encode_pixels
 from training.synth.voi import VOI_STYLES, apply_voi_tags, window_for
 
-MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 MANUFACTURER = "MammoNode synthetic phantom"
 PHOTOMETRICS: tuple[str, ...] = ("MONOCHROME2", "MONOCHROME1")
 LATERALITY_KEYWORDS: tuple[str, ...] = ("Laterality", "ImageLaterality")
@@ -108,65 +111,123 @@ def make_dicom(
     maxval = (1 << bits_stored) - 1
     monochrome1 = photometric == "MONOCHROME1"
     stored = (maxval - pixels).astype(np.uint16) if monochrome1 else pixels.astype(np.uint16)
+    series_uid, sop_uid = _instance_uids(
+        study_uid, series_uid, sop_instance_uid, series_number, instance_number
+    )
+    rows, cols = pixels.shape
+
+    ds = _sop_dataset(sop_uid, secondary_capture, film)
+    _set_study_series(ds, study_uid, series_uid, series_number, instance_number, study_date, study_time)
+    ds.SeriesDescription = view_text if view_text is not None else f"{laterality} {view}"
+    _set_equipment(ds, model_name)
+    _set_patient(ds, patient_id, patient_age, study_date)
+    _set_side(ds, laterality, view, laterality_keyword, secondary_capture)
+    _set_image_pixel(ds, photometric, rows, cols, bits_stored)
+    ds.BurnedInAnnotation = "YES" if burned_in_annotation else "NO"
+    if film:
+        ds.ImageComments = FILM_COMMENT
+    if not secondary_capture:
+        spacing = pixel_spacing_mm if pixel_spacing_mm is not None else round(290.0 / rows, 4)
+        _set_mammography(ds, view, spacing, monochrome1, implant)
+        window = window or window_for(pixels, bits_stored, monochrome1, breast_mask=breast_mask)
+        apply_voi_tags(ds, voi, window, bits_stored)
+    encode_pixels(ds, stored, transfer_syntax)
+    return ds
+
+
+def _instance_uids(
+    study_uid: str,
+    series_uid: str | None,
+    sop_instance_uid: str | None,
+    series_number: int,
+    instance_number: int,
+) -> tuple[str, str]:
+    """The series and SOP Instance UIDs: those given, or derived from ``study_uid``; checked."""
     series_uid = series_uid or derive_uid(study_uid, "series", str(series_number))
     sop_uid = sop_instance_uid or derive_uid(series_uid, "instance", str(instance_number))
     for name, uid in (("series_uid", series_uid), ("sop_instance_uid", sop_uid)):
         if not is_valid_uid(uid):
             raise ValueError(f"{name} is not a valid UID: {uid!r}")
-    sop_class = SECONDARY_CAPTURE if secondary_capture else MG_FOR_PRESENTATION
-    rows, cols = pixels.shape
+    return series_uid, sop_uid
 
+
+def _sop_dataset(sop_uid: str, secondary_capture: bool, film: bool) -> Dataset:
+    """A dataset with its File Meta, SOP Common and the image type of its class (MG or SC)."""
+    sop_class = DigitalMammographyXRayImageStorageForPresentation
+    if secondary_capture:
+        sop_class = SecondaryCaptureImageStorage
+    ds = Dataset()
+    ds.file_meta = _file_meta(sop_class, sop_uid)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["DERIVED", "SECONDARY"] if secondary_capture else ["ORIGINAL", "PRIMARY", ""]
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.Modality = "MG"
+    if secondary_capture:
+        # Digitised film (DF) or a workstation re-export (WSD) of a digital image.
+        ds.ConversionType = "DF" if film else "WSD"
+    return ds
+
+
+def _set_side(
+    ds: Dataset, laterality: str, view: str, laterality_keyword: str | None, secondary_capture: bool
+) -> None:
+    """Patient Orientation of the displayed view, and the side in the class's laterality tag."""
+    ds.PatientOrientation = list(PATIENT_ORIENTATION[(laterality, view)])
+    if laterality_keyword is None:
+        laterality_keyword = "Laterality" if secondary_capture else "ImageLaterality"
+    setattr(ds, laterality_keyword, laterality)
+
+
+def _set_equipment(ds: Dataset, model_name: str) -> None:
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = model_name
+    ds.BodyPartExamined = "BREAST"
+    ds.DeviceSerialNumber = "SYN0001"
+    ds.SoftwareVersions = "mammonode-synth 1"
+
+
+def _set_study_series(
+    ds: Dataset,
+    study_uid: str,
+    series_uid: str,
+    series_number: int,
+    instance_number: int,
+    study_date: str,
+    study_time: str,
+) -> None:
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = study_date
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = study_time
+    ds.AccessionNumber = ""
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "Screening mammography (synthetic phantom)"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = "1"
+    ds.SeriesNumber = series_number
+    ds.InstanceNumber = instance_number
+
+
+def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = UID(TRANSFER_SYNTAXES["explicit"])
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "MAMMONODE_SYN"
+    return meta
 
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["DERIVED", "SECONDARY"] if secondary_capture else ["ORIGINAL", "PRIMARY", ""]
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = study_date
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = study_time
-    ds.AccessionNumber = ""
-    ds.Modality = "MG"
-    if secondary_capture:
-        # Digitised film (DF) or a workstation re-export (WSD) of a digital image.
-        ds.ConversionType = "DF" if film else "WSD"
-    else:
-        ds.PresentationIntentType = "FOR PRESENTATION"
-    ds.Manufacturer = MANUFACTURER
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "Screening mammography (synthetic phantom)"
-    ds.SeriesDescription = view_text if view_text is not None else f"{laterality} {view}"
-    ds.ManufacturerModelName = model_name
+
+def _set_patient(ds: Dataset, patient_id: str, patient_age: int | None, study_date: str) -> None:
     ds.PatientName = f"SYNTHETIC^PATIENT{patient_id}"
     ds.PatientID = patient_id
     ds.PatientBirthDate = f"{int(study_date[:4]) - patient_age:04d}0101" if patient_age is not None else ""
     ds.PatientSex = "F"
     if patient_age is not None:
         ds.PatientAge = f"{patient_age:03d}Y"
-    ds.BodyPartExamined = "BREAST"
-    ds.DeviceSerialNumber = "SYN0001"
-    ds.SoftwareVersions = "mammonode-synth 1"
-    spacing = pixel_spacing_mm if pixel_spacing_mm is not None else round(290.0 / rows, 4)
-    if not secondary_capture:
-        ds.ImagerPixelSpacing = [spacing, spacing]
-        ds.DetectorType = "DIRECT"
-        ds.PositionerType = "MAMMOGRAPHIC"
-        ds.ViewPosition = view
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = "1"
-    ds.SeriesNumber = series_number
-    ds.InstanceNumber = instance_number
-    ds.PatientOrientation = list(PATIENT_ORIENTATION[(laterality, view)])
-    if laterality_keyword is None:
-        laterality_keyword = "Laterality" if secondary_capture else "ImageLaterality"
-    setattr(ds, laterality_keyword, laterality)
+
+
+def _set_image_pixel(ds: Dataset, photometric: str, rows: int, cols: int, bits_stored: int) -> None:
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
     ds.Rows = rows
@@ -175,28 +236,29 @@ def make_dicom(
     ds.BitsStored = bits_stored
     ds.HighBit = bits_stored - 1
     ds.PixelRepresentation = 0
-    ds.BurnedInAnnotation = "YES" if burned_in_annotation else "NO"
-    if film:
-        ds.ImageComments = FILM_COMMENT
-    if not secondary_capture:
-        ds.PixelIntensityRelationship = "LOG"
-        ds.PixelIntensityRelationshipSign = -1 if monochrome1 else 1
-        ds.RescaleIntercept = 0
-        ds.RescaleSlope = 1
-        ds.RescaleType = "US"
-        ds.LossyImageCompression = "00"
-        ds.PresentationLUTShape = "INVERSE" if monochrome1 else "IDENTITY"
-        ds.BreastImplantPresent = "YES" if implant else "NO"
-        ds.OrganExposed = "BREAST"
-        ds.AnatomicRegionSequence = Sequence([_code(*BREAST_CODE)])
-        view_item = _code(*VIEW_CODES[view])
-        view_item.ViewModifierCodeSequence = Sequence()
-        ds.ViewCodeSequence = Sequence([view_item])
-        ds.AcquisitionContextSequence = Sequence()
-        window = window or window_for(pixels, bits_stored, monochrome1, breast_mask=breast_mask)
-        apply_voi_tags(ds, voi, window, bits_stored)
-    encode_pixels(ds, stored, transfer_syntax)
-    return ds
+
+
+def _set_mammography(ds: Dataset, view: str, spacing: float, monochrome1: bool, implant: bool) -> None:
+    """The DX and Mammography Image modules of a For Presentation mammogram (not of an SC)."""
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ImagerPixelSpacing = [spacing, spacing]
+    ds.DetectorType = "DIRECT"
+    ds.PositionerType = "MAMMOGRAPHIC"
+    ds.ViewPosition = view
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = -1 if monochrome1 else 1
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.LossyImageCompression = "00"
+    ds.PresentationLUTShape = "INVERSE" if monochrome1 else "IDENTITY"
+    ds.BreastImplantPresent = "YES" if implant else "NO"
+    ds.OrganExposed = "BREAST"
+    ds.AnatomicRegionSequence = Sequence([_code(*BREAST_CODE)])
+    view_item = _code(*VIEW_CODES[view])
+    view_item.ViewModifierCodeSequence = Sequence()
+    ds.ViewCodeSequence = Sequence([view_item])
+    ds.AcquisitionContextSequence = Sequence()
 
 
 def _check(

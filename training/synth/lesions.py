@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import cv2
 import numpy as np
 
-LesionKind = Literal["mass", "calcification", "benign"]
 LESION_KINDS: tuple[str, ...] = ("mass", "calcification", "benign")
 
 # Peak attenuation added by each lesion kind at contrast 1.0, in units of the tissue model

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from training.datasets.rsna import LesionBox
-from training.synth.anatomy import BreastAnatomy, lesion_center, tissue_attenuation, view_geometry
+from training.synth.anatomy import (
+    BreastAnatomy,
+    ViewGeometry,
+    lesion_center,
+    tissue_attenuation,
+    view_geometry,
+)
 from training.synth.lesions import AMPLITUDE, Lesion, paste_add, paste_max, render_lesion
 from training.synth.overlays import Box, border_box, label_mask
 
@@ -89,10 +95,43 @@ def render_view(
         raise ValueError(f"lesion_contrast must be >= 0, got {lesion_contrast}")
     if anatomy is None:
         anatomy = BreastAnatomy.random(rng, density)
-    h, w = size
+    w = size[1]
     geom = view_geometry(anatomy, view, size, rng)
     att = tissue_attenuation(rng, anatomy, geom)
 
+    lesion_mask, canonical_boxes = _add_lesions(att, geom, lesions, view, lesion_contrast)
+
+    breast = geom.mask
+    if laterality == "L":
+        # Left breasts have the chest wall on the right of the image.
+        att = att[:, ::-1]
+        lesion_mask = lesion_mask[:, ::-1]
+        breast = breast[:, ::-1]
+        canonical_boxes = [(k, y0, w - x1, y1, w - x0) for k, y0, x0, y1, x1 in canonical_boxes]
+    boxes = [LesionBox(kind=k, y0=y0, x0=x0, y1=y1, x1=x1) for k, y0, x0, y1, x1 in canonical_boxes]
+
+    det_rng = rng if detector_rng is None else detector_rng
+    pixels = _detector(det_rng, att, bits_stored)
+    placed_border, placed_label = _burn_in(
+        pixels, breast, laterality, det_rng, bits_stored, label, label_corner, border, border_fraction
+    )
+
+    return RenderedView(
+        pixels=np.ascontiguousarray(pixels),
+        lesion_mask=np.ascontiguousarray(lesion_mask.astype(np.uint8) * 255),
+        breast_mask=np.ascontiguousarray(breast),
+        bits_stored=bits_stored,
+        lesion_boxes=boxes,
+        label_box=placed_label,
+        border_box=placed_border,
+    )
+
+
+def _add_lesions(
+    att: np.ndarray, geom: ViewGeometry, lesions: Sequence[Lesion], view: str, lesion_contrast: float
+) -> tuple[np.ndarray, list[tuple[str, int, int, int, int]]]:
+    """Add the lesions to ``att`` (in place); the malignant ones' mask and boxes (chest wall left)."""
+    h, w = att.shape
     lesion_mask = np.zeros((h, w), dtype=bool)
     canonical_boxes: list[tuple[str, int, int, int, int]] = []
     for lesion in lesions:
@@ -116,18 +155,21 @@ def render_view(
             canonical_boxes.append(
                 (lesion.kind, int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1)
             )
+    return lesion_mask, canonical_boxes
 
-    breast = geom.mask
-    if laterality == "L":
-        # Left breasts have the chest wall on the right of the image.
-        att = att[:, ::-1]
-        lesion_mask = lesion_mask[:, ::-1]
-        breast = breast[:, ::-1]
-        canonical_boxes = [(k, y0, w - x1, y1, w - x0) for k, y0, x0, y1, x1 in canonical_boxes]
-    boxes = [LesionBox(kind=k, y0=y0, x0=x0, y1=y1, x1=x1) for k, y0, x0, y1, x1 in canonical_boxes]
 
-    det_rng = rng if detector_rng is None else detector_rng
-    pixels = _detector(det_rng, att, bits_stored)
+def _burn_in(
+    pixels: np.ndarray,
+    breast: np.ndarray,
+    laterality: str,
+    det_rng: np.random.Generator,
+    bits_stored: int,
+    label: str | None,
+    label_corner: int,
+    border: str | None,
+    border_fraction: float,
+) -> tuple[Box | None, Box | None]:
+    """Burn the collimator strip and the label text into ``pixels`` (in place) where they fit."""
     maxval = (1 << bits_stored) - 1
     chest_wall_left = laterality == "R"
     placed_border: Box | None = None
@@ -144,16 +186,7 @@ def render_view(
         if found is not None:
             strokes, placed_label = found
             pixels[strokes] = maxval
-
-    return RenderedView(
-        pixels=np.ascontiguousarray(pixels),
-        lesion_mask=np.ascontiguousarray(lesion_mask.astype(np.uint8) * 255),
-        breast_mask=np.ascontiguousarray(breast),
-        bits_stored=bits_stored,
-        lesion_boxes=boxes,
-        label_box=placed_label,
-        border_box=placed_border,
-    )
+    return placed_border, placed_label
 
 
 def _detector(rng: np.random.Generator, att: np.ndarray, bits_stored: int) -> np.ndarray:

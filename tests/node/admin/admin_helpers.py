@@ -31,7 +31,7 @@ def study_uid(tag: str) -> str:
 
 def cli(args: Sequence[str], db_url: str, data_dir: Path) -> Result:
     """Run `mammonode ARGS` in-process against the test database and data folder."""
-    from node.cli import app
+    from node.commands.app import app
 
     env = {"MAMMONODE_DATABASE_URL": db_url, "MAMMONODE_DATA_DIR": str(data_dir)}
     return CliRunner().invoke(app, list(args), env=env, catch_exceptions=True)

@@ -21,7 +21,8 @@ from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inference.dicom_io import decode_pixels, read_meta
+from inference.dicom_header import read_meta
+from inference.dicom_pixels import decode_pixels
 from inference.manifest import load_manifest
 from node import audit
 from node.db.models import Instance, ModelVersion

@@ -119,3 +119,28 @@ def test_promote_bundled_goes_back_to_the_demo_model(
     back = cli(["model", "promote", "bundled"], db_url, tmp_path)
     assert back.exit_code == 0, back.output
     assert _active(sessions) == [load_manifest(BUNDLED_MODEL_DIR).weights_sha256]
+
+
+def test_list_stars_the_bundled_model_when_it_serves_registered(
+    sessions: sessionmaker[Session], db_url: str, tmp_path: Path
+) -> None:
+    """The worker registers the bundled model it serves; with nothing promoted it is still starred."""
+    from node.queue.model import register_model
+
+    manifest = load_manifest(BUNDLED_MODEL_DIR)
+    register_model(sessions, manifest, BUNDLED_MODEL_DIR)
+    listed = _listed(cli(["model", "list", "--json"], db_url, tmp_path).output)
+    assert [(m["bundled"], m["active"]) for m in listed] == [(True, True)]
+    table = cli(["model", "list"], db_url, tmp_path).output.splitlines()
+    [row] = [line for line in table if "(bundled)" in line]
+    assert row.startswith("*")
+
+
+def test_promoting_the_bundled_model_while_it_serves_says_so(
+    sessions: sessionmaker[Session], db_url: str, tmp_path: Path
+) -> None:
+    result = cli(["model", "promote", "bundled"], db_url, tmp_path)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("already serving ")
+    assert " -> " not in result.output
+    assert audit_events(sessions, audit.MODEL_PROMOTED) == []

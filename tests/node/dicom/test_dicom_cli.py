@@ -17,7 +17,7 @@ PACS_AE = "PACS"
 def mammonode(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "MAMMONODE_AE_TITLE": "CLINODE"}
     return subprocess.run(
-        [sys.executable, "-m", "node.cli", *args],
+        [sys.executable, "-m", "node.commands.app", *args],
         capture_output=True,
         text=True,
         timeout=120,

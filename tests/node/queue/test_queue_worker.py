@@ -533,7 +533,7 @@ def test_a_worker_with_dali_preprocessing_scores_like_the_cpu_path(
     """DALI in its CPU mode (no GPU here) on JPEG 2000 files: same images scored, same outputs,
     probabilities within the DALI parity tolerance (0.02; box-filter resize approximation)."""
     from inference.backends.registry import load_backend
-    from inference.dicom_io import read_dataset, read_meta
+    from inference.dicom_header import read_dataset, read_meta
     from inference.preprocessing_dali import DaliPreprocessor
 
     by_dali: list[int] = []

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 from inference.uids import derive_uid
-from node import cli
+from node.commands import app as cli
 from node.db.models import Job, OutputObject, Score, Study, Transmission
 
 MAMMONODE = Path(sys.executable).with_name("mammonode")

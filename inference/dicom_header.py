@@ -1,4 +1,6 @@
-"""Reading untrusted DICOM files: the dataset, its identifying tags, and its pixels.
+"""Reading untrusted DICOM files: the dataset and its identifying tags.
+
+Pixels are decoded by :mod:`inference.dicom_pixels`.
 
 Everything the node receives is untrusted (design invariant 2), so every failure here becomes an
 :class:`~inference.types.InputError` with a one-line reason the node can put in an audit entry,
@@ -16,15 +18,21 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    BreastProjectionXRayImageStorageForPresentation,
+    BreastProjectionXRayImageStorageForProcessing,
+    BreastTomosynthesisImageStorage,
+    DigitalMammographyXRayImageStorageForPresentation,
+    DigitalMammographyXRayImageStorageForProcessing,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+)
 
 from inference.phi import scrub
 from inference.types import UNKNOWN, ImageMeta, InputError
@@ -32,24 +40,21 @@ from inference.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
 
-MAX_PIXELS = 100_000_000
-"""Largest Rows x Columns decoded; bigger is refused before any memory is allocated."""
-
-DX_MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
-DX_MAMMO_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
-BREAST_PROJECTION_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.13.1.4"
-BREAST_PROJECTION_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.13.1.5"
-BREAST_TOMOSYNTHESIS = "1.2.840.10008.5.1.4.1.1.13.1.3"
-SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # SC and the multi-frame SC classes
+DX_MAMMO_FOR_PRESENTATION = DigitalMammographyXRayImageStorageForPresentation
+DX_MAMMO_FOR_PROCESSING = DigitalMammographyXRayImageStorageForProcessing
+BREAST_PROJECTION_FOR_PRESENTATION = BreastProjectionXRayImageStorageForPresentation
+BREAST_PROJECTION_FOR_PROCESSING = BreastProjectionXRayImageStorageForProcessing
+BREAST_TOMOSYNTHESIS = BreastTomosynthesisImageStorage
+SECONDARY_CAPTURE_PREFIX = SecondaryCaptureImageStorage  # SC and the multi-frame SC classes
 _SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 
-_MAMMO_SOP_CLASSES = {
+_MAMMO_SOP_CLASSES: dict[str, str] = {
     DX_MAMMO_FOR_PRESENTATION: "Digital Mammography X-Ray Image - For Presentation",
     DX_MAMMO_FOR_PROCESSING: "Digital Mammography X-Ray Image - For Processing",
     BREAST_PROJECTION_FOR_PRESENTATION: "Breast Projection X-Ray Image - For Presentation",
     BREAST_PROJECTION_FOR_PROCESSING: "Breast Projection X-Ray Image - For Processing",
 }
-_INTENT_BY_SOP_CLASS = {
+_INTENT_BY_SOP_CLASS: dict[str, str] = {
     DX_MAMMO_FOR_PRESENTATION: "FOR PRESENTATION",
     DX_MAMMO_FOR_PROCESSING: "FOR PROCESSING",
     BREAST_PROJECTION_FOR_PRESENTATION: "FOR PRESENTATION",
@@ -136,7 +141,7 @@ def read_dataset(path: Path, *, stop_before_pixels: bool = False) -> Dataset:
     parses into one that carries a SOP Class UID, so random bytes are not mistaken for DICOM.
     Truncation is detected where it can be: a file that yields no elements, or whose last
     element is shorter than its declared length (with ``stop_before_pixels`` a cut inside the
-    pixel data cannot be seen; :func:`decode_pixels` catches it later).
+    pixel data cannot be seen; :func:`inference.dicom_pixels.decode_pixels` catches it later).
     """
     path = Path(path)
     if not path.is_file():
@@ -147,7 +152,7 @@ def read_dataset(path: Path, *, stop_before_pixels: bool = False) -> Dataset:
     except InvalidDicomError:
         ds = _read_bare_dataset(path, stop_before_pixels)
     except Exception as exc:
-        raise InputError(f"cannot parse DICOM file {path.name}: {_brief(exc)}") from exc
+        raise InputError(f"cannot parse DICOM file {path.name}: {brief(exc)}") from exc
     _check_complete(ds, path)
     parse_elements(ds)
     return ds
@@ -188,7 +193,7 @@ def parse_elements(ds: Dataset) -> None:
             tag = elem.tag
     except Exception as exc:
         where = f"after element {tag}" if tag is not None else "at the first element"
-        raise InputError(f"corrupt DICOM element {where}: {_brief(exc)}") from exc
+        raise InputError(f"corrupt DICOM element {where}: {brief(exc)}") from exc
 
 
 def _check_complete(ds: Dataset, path: Path) -> None:
@@ -199,7 +204,7 @@ def _check_complete(ds: Dataset, path: Path) -> None:
     try:
         raw = ds.get_item(max(tags))
     except Exception as exc:
-        raise InputError(f"corrupt DICOM element {max(tags)}: {_brief(exc)}") from exc
+        raise InputError(f"corrupt DICOM element {max(tags)}: {brief(exc)}") from exc
     if (
         isinstance(raw, RawDataElement)
         and isinstance(raw.value, bytes)
@@ -224,11 +229,11 @@ def read_meta(ds: Dataset) -> ImageMeta:
     """
     parse_elements(ds)
     uids = {keyword: _required_uid(ds, keyword, tag) for keyword, tag in _REQUIRED_UIDS}
-    patient_id = _optional_text(ds, "PatientID")
+    patient_id = optional_text(ds, "PatientID")
     transfer_syntax = ""
     file_meta = getattr(ds, "file_meta", None)
     if file_meta is not None:
-        ts = _optional_text(file_meta, "TransferSyntaxUID")
+        ts = optional_text(file_meta, "TransferSyntaxUID")
         transfer_syntax = ts if is_valid_uid(ts) else ""
     return ImageMeta(
         sop_instance_uid=uids["SOPInstanceUID"],
@@ -238,10 +243,10 @@ def read_meta(ds: Dataset) -> ImageMeta:
         patient_id=patient_id,
         laterality=read_laterality(ds),
         view=read_view(ds),
-        modality=_optional_text(ds, "Modality").upper() or UNKNOWN,
-        rows=_optional_int(ds, "Rows"),
-        columns=_optional_int(ds, "Columns"),
-        photometric=_optional_text(ds, "PhotometricInterpretation").upper() or UNKNOWN,
+        modality=optional_text(ds, "Modality").upper() or UNKNOWN,
+        rows=optional_int(ds, "Rows"),
+        columns=optional_int(ds, "Columns"),
+        photometric=optional_text(ds, "PhotometricInterpretation").upper() or UNKNOWN,
         transfer_syntax_uid=transfer_syntax,
         presentation_intent=_presentation_intent(ds, uids["SOPClassUID"]),
     )
@@ -250,8 +255,8 @@ def read_meta(ds: Dataset) -> ImageMeta:
 def read_laterality(ds: Dataset) -> str:
     """``L``, ``R`` or ``unknown``: ImageLaterality, Laterality, FrameLaterality, then free text."""
     for value in (
-        _optional_text(ds, "ImageLaterality"),
-        _optional_text(ds, "Laterality"),
+        optional_text(ds, "ImageLaterality"),
+        optional_text(ds, "Laterality"),
         _frame_laterality(ds),
     ):
         side = value.upper()
@@ -266,11 +271,11 @@ def read_laterality(ds: Dataset) -> str:
 
 def read_view(ds: Dataset) -> str:
     """The mammographic view: ViewPosition, then ViewCodeSequence (CID 4014), then free text."""
-    position = view_from_text(_optional_text(ds, "ViewPosition"))
+    position = view_from_text(optional_text(ds, "ViewPosition"))
     if position != UNKNOWN:
         return position
     for item in _sequence_items(ds, "ViewCodeSequence"):
-        code = _optional_text(item, "CodeValue")
+        code = optional_text(item, "CodeValue")
         if code in VIEW_CODES:
             return VIEW_CODES[code]
     for text in _descriptive_texts(ds):
@@ -321,11 +326,11 @@ def _side_view_tokens(text: str) -> Iterator[tuple[str, str]]:
 
 def _descriptive_texts(ds: Dataset) -> Iterator[str]:
     for keyword in _TEXT_KEYWORDS:
-        text = _optional_text(ds, keyword)
+        text = optional_text(ds, keyword)
         if text:
             yield text
     for item in _sequence_items(ds, "ViewCodeSequence"):
-        text = _optional_text(item, "CodeMeaning")
+        text = optional_text(item, "CodeMeaning")
         if text:
             yield text
 
@@ -334,12 +339,12 @@ def _frame_laterality(ds: Dataset) -> str:
     """FrameLaterality of the shared functional groups (enhanced / breast projection objects)."""
     for group in _sequence_items(ds, "SharedFunctionalGroupsSequence"):
         for anatomy in _sequence_items(group, "FrameAnatomySequence"):
-            return _optional_text(anatomy, "FrameLaterality")
+            return optional_text(anatomy, "FrameLaterality")
     return ""
 
 
 def _presentation_intent(ds: Dataset, sop_class_uid: str) -> str:
-    intent = _optional_text(ds, "PresentationIntentType").upper()
+    intent = optional_text(ds, "PresentationIntentType").upper()
     if intent in ("FOR PRESENTATION", "FOR PROCESSING"):
         return intent
     return _INTENT_BY_SOP_CLASS.get(sop_class_uid, UNKNOWN)
@@ -361,7 +366,7 @@ def is_mammogram(ds: Dataset, meta: ImageMeta) -> tuple[bool, str]:
         return False, f"SOP class {sop_class} is not an image"
     if meta.modality != "MG":
         return False, f"modality {meta.modality} is not mammography"
-    frames = _optional_int(ds, "NumberOfFrames") or 1
+    frames = optional_int(ds, "NumberOfFrames") or 1
     if frames > 1:
         return False, f"multi-frame object ({frames} frames) is not a 2-D mammogram"
     kind = "secondary capture" if sop_class.startswith(SECONDARY_CAPTURE_PREFIX) else "image"
@@ -369,7 +374,7 @@ def is_mammogram(ds: Dataset, meta: ImageMeta) -> tuple[bool, str]:
 
 
 def _required_uid(ds: Dataset, keyword: str, tag: str) -> str:
-    value = _optional_text(ds, keyword)
+    value = optional_text(ds, keyword)
     if not value:
         raise InputError(f"missing {keyword} {tag}")
     if not is_valid_uid(value):
@@ -377,12 +382,12 @@ def _required_uid(ds: Dataset, keyword: str, tag: str) -> str:
     return value
 
 
-def _optional_text(ds: Dataset, keyword: str) -> str:
+def optional_text(ds: Dataset, keyword: str) -> str:
     """A tag's value as stripped text, ``""`` when absent or unreadable (first value if many)."""
     try:
         value = ds.get(keyword)
     except _TAG_ERRORS as exc:
-        logger.warning("ignoring unreadable %s: %s", keyword, _brief(exc))
+        logger.warning("ignoring unreadable %s: %s", keyword, brief(exc))
         return ""
     if value is None:
         return ""
@@ -391,8 +396,8 @@ def _optional_text(ds: Dataset, keyword: str) -> str:
     return str(value).strip().strip("\x00").strip()
 
 
-def _optional_int(ds: Dataset, keyword: str) -> int:
-    text = _optional_text(ds, keyword)
+def optional_int(ds: Dataset, keyword: str) -> int:
+    text = optional_text(ds, keyword)
     try:
         return int(text) if text else 0
     except ValueError as exc:
@@ -403,7 +408,7 @@ def _sequence_items(ds: Dataset, keyword: str) -> list[Dataset]:
     try:
         value = ds.get(keyword)
     except _TAG_ERRORS as exc:
-        logger.warning("ignoring unreadable %s: %s", keyword, _brief(exc))
+        logger.warning("ignoring unreadable %s: %s", keyword, brief(exc))
         return []
     if not value:
         return []
@@ -413,161 +418,7 @@ def _sequence_items(ds: Dataset, keyword: str) -> list[Dataset]:
         return []
 
 
-# --------------------------------------------------------------------------------------------
-# Pixels
-# --------------------------------------------------------------------------------------------
-
-# Decoder plugins tried in order. gdcm is deliberately absent: on a corrupt JPEG-LS stream it
-# throws an uncaught C++ exception that aborts the whole process (found by fuzzing), which
-# would let one bad file take the node down (design invariant 2).
-_PLUGIN_ORDER = ("pylibjpeg", "pyjpegls", "pydicom", "pillow")
-
-
-def decode_pixels(ds: Dataset) -> np.ndarray:
-    """Decode the first frame to a 2-D array of stored values with the Modality LUT applied.
-
-    Every transfer syntax pydicom knows is handled (native, RLE, JPEG lossless/lossy, JPEG-LS,
-    JPEG 2000) through the pylibjpeg/pyjpegls plugins (pydicom's own RLE and Pillow as
-    fallbacks; gdcm is not used, see ``_PLUGIN_ORDER``). The result is
-    the decoder's integer dtype, or float32 when a rescale or Modality LUT applies. Colour
-    images (Secondary Captures) are converted to grey. Size limits are checked before decoding,
-    so a hostile header cannot make the node allocate gigabytes.
-    """
-    parse_elements(ds)
-    if "PixelData" not in ds:
-        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
-            raise InputError("float pixel data is not supported")
-        raise InputError("no pixel data (7FE0,0010)")
-    rows, cols = _optional_int(ds, "Rows"), _optional_int(ds, "Columns")
-    if rows <= 0 or cols <= 0:
-        raise InputError(f"invalid image size {rows}x{cols}")
-    if rows * cols > MAX_PIXELS:
-        raise InputError(f"image too large: {rows}x{cols} exceeds {MAX_PIXELS} pixels")
-    samples = _optional_int(ds, "SamplesPerPixel") or 1
-    bits = _optional_int(ds, "BitsAllocated")
-    if samples not in (1, 3) or bits not in (8, 16, 32):
-        raise InputError(f"unsupported pixel layout: {samples} samples of {bits} bits")
-    photometric = _optional_text(ds, "PhotometricInterpretation").upper()
-    if photometric == "PALETTE COLOR":
-        raise InputError("PALETTE COLOR images are not supported")
-    frames = _optional_int(ds, "NumberOfFrames") or 1
-    if frames > 1:
-        logger.warning("multi-frame image (%d frames): using the first frame only", frames)
-
-    ts = _transfer_syntax(ds)
-    _check_native_length(ds, ts, rows * cols * samples * bits // 8)
-    arr = _decode_first_frame(ds, ts)
-    if arr.shape[:2] != (rows, cols):
-        raise InputError(f"decoded frame is {arr.shape[:2]}, header says {rows}x{cols}")
-    if arr.ndim == 3:
-        arr = _to_grey(arr)
-    elif arr.ndim != 2:
-        raise InputError(f"unexpected decoded shape {arr.shape}")
-    return _modality_lut(arr, ds) if samples == 1 else arr
-
-
-def _transfer_syntax(ds: Dataset) -> UID:
-    file_meta = getattr(ds, "file_meta", None)
-    ts = _optional_text(file_meta, "TransferSyntaxUID") if file_meta is not None else ""
-    if not ts:
-        raise InputError("missing Transfer Syntax UID (0002,0010)")
-    uid = UID(ts)
-    if not uid.is_transfer_syntax:
-        raise InputError(f"unknown transfer syntax {ts[:64]!r}")
-    return uid
-
-
-def _check_native_length(ds: Dataset, ts: UID, frame_bytes: int) -> None:
-    if ts.is_compressed:
-        return
-    raw = ds.get_item("PixelData")
-    value = raw.value if raw is not None else None
-    if isinstance(value, bytes) and len(value) < frame_bytes:
-        raise InputError(f"pixel data is truncated: {len(value)} bytes, a frame needs {frame_bytes}")
-
-
-def _decode_first_frame(ds: Dataset, ts: UID) -> np.ndarray:
-    try:
-        decoder = get_decoder(ts)
-    except NotImplementedError as exc:
-        raise InputError(f"unsupported transfer syntax {ts.name} ({ts})") from exc
-    if not decoder.is_available:
-        raise InputError(f"no decoder installed for transfer syntax {ts.name} ({ts})")
-    if ts.is_compressed:
-        available = set(decoder.available_plugins)
-        plugins = [p for p in _PLUGIN_ORDER if p in available]
-        if not plugins:
-            raise InputError(f"no safe decoder installed for transfer syntax {ts.name} ({ts})")
-    else:
-        plugins = [""]
-    errors: list[str] = []
-    for plugin in plugins:
-        try:
-            arr = pixel_array(ds, index=0, decoding_plugin=plugin)
-        except BaseException as exc:  # any codec failure: try the next plugin
-            # Rust codecs (pylibjpeg-rle) report corrupt streams as pyo3 PanicException, which
-            # derives from BaseException; only genuine interpreter exits are re-raised.
-            if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
-                raise
-            logger.debug("decoder plugin %r failed on %s: %s", plugin, ts.name, exc)
-            errors.append(f"{plugin or 'native'}: {_brief(exc)}")
-            continue
-        if plugin != plugins[0]:
-            logger.info("decoded %s with the %s fallback", ts.name, plugin)
-        return np.asarray(arr)
-    raise InputError(f"cannot decode pixel data in transfer syntax {ts.name} ({ts}): {errors[-1]}")
-
-
-def _to_grey(arr: np.ndarray) -> np.ndarray:
-    """RGB (pydicom converts YBR to RGB) to luma, keeping the integer dtype when cv2 can."""
-    if arr.shape[2] != 3:
-        raise InputError(f"unexpected decoded shape {arr.shape}")
-    if arr.dtype in (np.uint8, np.uint16):
-        return np.asarray(cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_RGB2GRAY))
-    weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    return np.asarray(arr.astype(np.float32) @ weights)
-
-
-def _modality_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Apply RescaleSlope/Intercept or a Modality LUT Sequence (PS3.3 C.11.1)."""
-    if ds.get("ModalityLUTSequence"):
-        try:
-            return np.asarray(apply_modality_lut(arr, ds))
-        except Exception as exc:
-            raise InputError(f"invalid Modality LUT Sequence: {_brief(exc)}") from exc
-    slope, intercept = rescale_parameters(ds)
-    if slope == 1.0 and intercept == 0.0:
-        return arr
-    return (arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
-
-
-def rescale_parameters(ds: Dataset) -> tuple[float, float]:
-    """RescaleSlope and RescaleIntercept (1 and 0 when absent); InputError when unusable.
-
-    Also read by the GPU path (:mod:`inference.preprocessing_dali`), which folds them into the
-    window it applies on the device, so both paths refuse the same values.
-    """
-    slope = _optional_float(ds, "RescaleSlope", 1.0)
-    intercept = _optional_float(ds, "RescaleIntercept", 0.0)
-    if slope == 0.0:
-        raise InputError("invalid RescaleSlope 0")
-    return slope, intercept
-
-
-def _optional_float(ds: Dataset, keyword: str, default: float) -> float:
-    text = _optional_text(ds, keyword)
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise InputError(f"invalid {keyword}: {text[:32]!r}") from exc
-    if not np.isfinite(value):
-        raise InputError(f"invalid {keyword}: {text[:32]!r}")
-    return value
-
-
-def _brief(exc: BaseException) -> str:
+def brief(exc: BaseException) -> str:
     """One line, bounded and scrubbed of quoted values, for messages built from library
     exceptions (they quote DICOM values, which may be patient data)."""
     return scrub(str(exc), limit=200) or type(exc).__name__
