@@ -10,6 +10,7 @@ rejects one association too many and the node keeps serving.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,6 +69,13 @@ def _start(tmp_path: Path, sessions: sessionmaker[Session], **overrides: object)
         yield node
     finally:
         stop_scp(node.server)
+
+
+def _wait_until_idle(server: ThreadedAssociationServer, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while server.active_associations:
+        assert time.monotonic() < deadline, "associations still open after release"
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -160,6 +168,7 @@ def test_one_association_over_the_limit_is_rejected_and_the_node_keeps_serving(
             assert held.send_c_echo().Status == DimseStatus.SUCCESS  # the held one still works
         finally:
             held.release()
+        _wait_until_idle(node.server)  # the server ends a released association's thread a moment later
         assert echo(LOOPBACK, node.config.port, NODE_AE, PEER_AE).ok  # a slot is free again
         with node.sessions() as session:
             refusals = list(
