@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 
@@ -65,10 +66,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
-JPEG2000 = "1.2.840.10008.1.2.4.91"
-JPEG_LOSSLESS_P14 = "1.2.840.10008.1.2.4.57"
-JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
+JPEG2000_LOSSLESS = uid.JPEG2000Lossless
+JPEG2000 = uid.JPEG2000
+JPEG_LOSSLESS_P14 = uid.JPEGLossless
+JPEG_LOSSLESS_SV1 = uid.JPEGLosslessSV1
 _J2K_SYNTAXES = frozenset({JPEG2000_LOSSLESS, JPEG2000})
 _LOSSLESS_SYNTAXES = frozenset({JPEG_LOSSLESS_P14, JPEG_LOSSLESS_SV1})
 MIN_PRECISION = 9

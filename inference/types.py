@@ -172,7 +172,10 @@ class AlgorithmInfo:
     notice: str | None = None  # RESEARCH_NOTICE for models trained on synthetic data
 
 
-SCREENING_VIEWS: tuple[str, ...] = ("L-CC", "L-MLO", "R-CC", "R-MLO")
+SCREENING_SIDE_VIEWS: tuple[tuple[str, str], ...] = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
+"""The (laterality, view) pairs of a standard screening exam, in this order."""
+
+SCREENING_VIEWS: tuple[str, ...] = tuple(f"{side}-{view}" for side, view in SCREENING_SIDE_VIEWS)
 """The views of a standard screening exam, in the ``L-CC`` form of :func:`view_key`."""
 
 
@@ -192,23 +195,3 @@ class ImageFailure:
     laterality: str
     view: str
     reason: str
-
-
-# The 14 columns of RSNA Screening Mammography's train.csv: the layout training reads and the
-# node's case export writes (node may not import training, so the shared name lives here).
-RSNA_COLUMNS: tuple[str, ...] = (
-    "site_id",
-    "patient_id",
-    "image_id",
-    "laterality",
-    "view",
-    "age",
-    "cancer",
-    "biopsy",
-    "invasive",
-    "BIRADS",
-    "implant",
-    "density",
-    "machine_id",
-    "difficult_negative_case",
-)

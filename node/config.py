@@ -16,8 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from inference.device import parse_device
-from inference.types import MammoNodeError
+from inference import SCREENING_VIEWS, MammoNodeError, parse_device
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: 16 chars, no backslash
 
@@ -151,7 +150,7 @@ class NodeConfig:
     study_quiet_seconds: float = 60.0
     grace_seconds: float = 5.0
     """Wait after the last expected view arrived, for stragglers of the same push."""
-    expected_views: tuple[str, ...] = ("L-CC", "L-MLO", "R-CC", "R-MLO")
+    expected_views: tuple[str, ...] = SCREENING_VIEWS
     allowed_aes: tuple[AllowedPeer, ...] = ()
     """Empty: every calling AE is accepted (a warning is logged at start)."""
     unknown_sop_classes: UnknownSopClasses = UnknownSopClasses.IGNORE

@@ -24,13 +24,13 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from inference.phi import describe, quiet_value_checks, scrub_library_logs, where
-from inference.pixel_pool import limit_heap_growth
+from inference import describe, limit_heap_growth, quiet_value_checks, scrub_library_logs, where
 from node import audit
+from node.admin.models import PipelineFactory
 from node.config import NodeConfig
 from node.db.session import make_engine, session_factory
-from node.queue.assembly import promote_ready, requeue_stale_claims
-from node.queue.model import PipelineFactory
+from node.queue.assembly import promote_ready
+from node.queue.claims import requeue_stale_claims
 from node.queue.worker import Worker
 
 log = logging.getLogger(__name__)

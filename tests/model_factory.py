@@ -85,7 +85,7 @@ def save_calibrated_model(
     from inference.model import build_model
     from inference.model_io import save_model
     from inference.types import PreprocessConfig
-    from training.export import parity_inputs
+    from training.onnx_export import parity_inputs
 
     manifest = ModelManifest(
         name=name,

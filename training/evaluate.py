@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import numpy as np
 from inference.aggregation import AGGREGATIONS, aggregate
 from inference.backends.base import Backend
 from inference.cam import cam_to_grid, threshold_cam
-from training import metrics
+from training import metrics, plots
 from training.datasets.mammo import MammoSample
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,16 @@ class Predictions:
     cams: list[np.ndarray]  # feature-grid CAMs
 
 
-def predict_samples(backend: Backend, samples: Sequence[MammoSample], batch_size: int = 8) -> Predictions:
-    """Run the backend over the samples in batches; the logit goes through a sigmoid."""
+def predict_samples(
+    backend: Backend,
+    samples: Sequence[MammoSample],
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> Predictions:
+    """Run the backend over the samples in batches; the logit goes through a sigmoid.
+
+    ``progress`` is called after each batch with the number of samples it scored.
+    """
     probs: list[float] = []
     cams: list[np.ndarray] = []
     for start in range(0, len(samples), batch_size):
@@ -42,6 +50,8 @@ def predict_samples(backend: Backend, samples: Sequence[MammoSample], batch_size
         logits, cam = backend.infer(batch)
         probs.extend((1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).tolist())
         cams.extend(list(cam))
+        if progress is not None:
+            progress(len(chunk))
     return Predictions(np.asarray(probs), cams)
 
 
@@ -132,8 +142,6 @@ def write_plots(
     samples: Sequence[MammoSample], predictions: Predictions, aggregation: str, out_dir: Path
 ) -> list[Path]:
     """ROC and PR curves of the image and breast levels as PNG files."""
-    from training import plots
-
     out_dir.mkdir(parents=True, exist_ok=True)
     image_labels = np.asarray([s.label for s in samples])
     _, breast_labels, scores = breast_table(samples, predictions.probabilities)

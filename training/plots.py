@@ -92,7 +92,7 @@ def plot_training_curves(
 ) -> Path:
     """Train/validation loss (top) and learning rate on a log scale (bottom) per epoch.
 
-    ``history`` is :attr:`training.loop.TrainResult.history`: one dict per epoch with ``epoch``,
+    ``history`` is :attr:`training.loop_types.TrainResult.history`: one dict per epoch with ``epoch``,
     ``train_loss``, ``val_loss`` and ``lr``. The best (lowest validation loss) epoch is marked,
     which is the checkpoint early stopping restores (seed 003, figure 6).
     """

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from inference.manifest import load_manifest
 from inference.types import InputError
 
 if TYPE_CHECKING:
-    from training.loop import TrainConfig
+    from training.loop_types import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,6 @@ class TrainRequest:
         """What the manifest records about how the weights started and what guided them."""
         info: dict[str, Any] = {"cam_mask_weight": self.cam_mask_weight}
         if self.init_model is not None:
-            from inference.manifest import load_manifest
-
             start = load_manifest(self.init_model)
             info["initialised_from"] = {
                 "name": start.name,
@@ -79,7 +78,7 @@ class TrainRequest:
 
     def loop_config(self, **overrides: Any) -> TrainConfig:
         """The training-loop settings this request asks for; callers add layout-specific ones."""
-        from training.loop import TrainConfig
+        from training.loop_types import TrainConfig
 
         settings: dict[str, Any] = {
             "architecture": self.architecture,

@@ -13,27 +13,34 @@ import datetime as dt
 import logging
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from inference.aggregation import AGGREGATIONS
+from inference.backends.registry import load_backend
 from inference.bundled import resolve_model_dir
+from inference.manifest import ModelManifest, save_manifest
 from inference.types import InputError, PreprocessConfig
+from training.datasets.mammo import load_samples
+from training.datasets.rsna import lesion_mask_path, load_rsna
+from training.evaluate import breast_table, evaluate_predictions, predict_samples, write_plots
+from training.metrics import binary_metrics, threshold_for_sensitivity
+from training.plots import write_training_curves
 
+# torch (and timm) are imported inside the training functions: `mammonode evaluate` with the
+# onnxruntime backend runs this module on a serving install without them.
 if TYPE_CHECKING:
-    from inference.manifest import ModelManifest
-    from training.loop import TrainResult
+    from training.loop_types import TrainResult
     from training.request import TrainRequest
 
 log = logging.getLogger(__name__)
 
 
 def _rsna_samples(root: Path, config: PreprocessConfig, workers: int) -> list[Any]:
-    from training.datasets.mammo import load_samples
-    from training.datasets.rsna import lesion_mask_path, load_rsna
-
     records = load_rsna(root)
     masks = [lesion_mask_path(root, r) for r in records]
     samples, errors = load_samples(records, config, mask_paths=masks, workers=workers)
@@ -58,13 +65,12 @@ def _split_samples(request: TrainRequest, samples: list[Any]) -> tuple[list[Any]
 
 def run_mammo_train(request: TrainRequest) -> Path:
     """Train and write ``request.out / "model"``; returns that folder."""
-    from inference.manifest import ModelManifest, save_manifest
     from inference.model import build_model
     from inference.model_io import save_model
+    from training.checkpoint import load_checkpoint_weights
     from training.ddp import launched_as_worker
-    from training.loop import load_checkpoint_weights, train
+    from training.loop import train
     from training.mammo_dataset import MammoTensorDataset
-    from training.plots import write_training_curves
 
     config = PreprocessConfig(input_height=request.input_size[0], input_width=request.input_size[1])
     samples = _rsna_samples(request.dataset, config, request.workers)
@@ -120,8 +126,6 @@ def _validated_manifest(
 ) -> ModelManifest:
     """The draft manifest with the threshold, data and figures measured on the validation breasts."""
     from inference.backends.torch_backend import TorchBackend
-    from training.evaluate import breast_table, predict_samples
-    from training.metrics import binary_metrics, threshold_for_sensitivity
 
     # The operating threshold is chosen on validation breasts scored by the serving backend.
     backend = TorchBackend(model_dir)
@@ -162,12 +166,14 @@ def evaluate_mammo(
     target_sensitivity: float = 0.9,
     plots_dir: Path | None = None,
     workers: int = 1,
+    progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the model on a labelled RSNA-layout dataset; see training.evaluate."""
-    from inference.aggregation import AGGREGATIONS
-    from inference.backends.registry import load_backend
-    from training.evaluate import evaluate_predictions, predict_samples, write_plots
+    """Evaluate the model on a labelled RSNA-layout dataset; see training.evaluate.
 
+    ``on_total`` is called once with the number of images to score, ``progress`` after each
+    batch with the number scored.
+    """
     if aggregation is not None and aggregation not in AGGREGATIONS:  # before the slow model load
         raise InputError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
     model_path = resolve_model_dir(model_dir)
@@ -175,7 +181,9 @@ def evaluate_mammo(
     manifest = engine.manifest
     method = aggregation or manifest.aggregation
     samples = _rsna_samples(dataset, manifest.preprocess, workers)
-    predictions = predict_samples(engine, samples)
+    if on_total is not None:
+        on_total(len(samples))
+    predictions = predict_samples(engine, samples, progress=progress)
     report = evaluate_predictions(
         samples,
         predictions,

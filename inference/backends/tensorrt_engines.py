@@ -5,7 +5,7 @@ deserialising it anywhere else fails or, worse, runs kernels tuned for another c
 engine is recorded in ``manifest.engines`` under a key made of exactly those three things
 (:func:`engine_key`), with its own SHA-256 (design invariant 5), and the backend loads only the
 entry whose GPU, TensorRT version and ONNX SHA-256 are the ones in front of it, saying precisely
-which one differs otherwise. The builder (:mod:`training.export_tensorrt`) uses the same key as
+which one differs otherwise. The builder (:mod:`inference.backends.tensorrt_build`) uses the same key as
 its cache: asking again for an engine that exists with the same options is a no-op.
 
 Pure Python: neither tensorrt nor CUDA is imported here, so this logic is tested everywhere.

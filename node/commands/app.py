@@ -20,8 +20,7 @@ from typing import Annotated
 
 import typer
 
-from inference.phi import quiet_value_checks, scrub_library_logs
-from inference.types import MammoNodeError
+from inference import MammoNodeError, quiet_value_checks, scrub_library_logs
 from node import logs
 
 log = logging.getLogger("mammonode")

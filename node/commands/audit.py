@@ -1,7 +1,7 @@
 """`mammonode audit list|show|export`: read the append-only audit log.
 
 The log is the only place that links patients to studies, so exporting it is audited too
-(``data.exported``). Query logic lives in :mod:`node.audit_query`.
+(``data.exported``). Query logic lives in :mod:`node.audit.query`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import typer
 from node.commands._admin import ConfigOption
 
 if TYPE_CHECKING:
-    from node.audit_query import AuditFilter
+    from node.audit.query import AuditFilter
 
 PatientOption = Annotated[str | None, typer.Option("--patient", help="Only events of this patient ID.")]
 StudyOption = Annotated[str | None, typer.Option("--study", help="Only events of this Study Instance UID.")]
@@ -34,7 +34,7 @@ UntilOption = Annotated[
 def _filters(
     patient: str | None, study: str | None, event: list[str] | None, since: str | None, until: str | None
 ) -> AuditFilter:
-    from node.audit_query import AuditFilter, parse_time
+    from node.audit.query import AuditFilter, parse_time
 
     return AuditFilter(
         patient_id=patient,
@@ -56,7 +56,7 @@ def list_command(
     config: ConfigOption = None,
 ) -> None:
     """List audit events, oldest first, filtered by patient, study, event and time."""
-    from node.audit_query import event_dict, format_events, list_events
+    from node.audit.query import event_dict, format_events, list_events
     from node.commands._admin import load, open_session
 
     filters = _filters(patient, study, event, since, until)
@@ -78,7 +78,7 @@ def show_command(
     config: ConfigOption = None,
 ) -> None:
     """The timeline of one study, from the association that brought it to the delivery of results."""
-    from node.audit_query import event_dict, format_events, study_timeline
+    from node.audit.query import event_dict, format_events, study_timeline
     from node.commands._admin import load, open_session
 
     with open_session(load(config)) as session:
@@ -106,7 +106,7 @@ def export_command(
 ) -> None:
     """Write matching audit events to a CSV or JSONL file; the export itself is audited."""
     from node import audit
-    from node.audit_query import iter_events, write_export
+    from node.audit.query import iter_events, write_export
     from node.commands._admin import load, open_session
 
     filters = _filters(patient, study, event, since, until)

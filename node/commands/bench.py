@@ -3,7 +3,7 @@
 Synthetic inputs (one mammogram in every transfer syntax, a 4-view JPEG 2000 study) and the ONNX
 export of a model that has none need the training extra, imported inside the command only; with
 ``--data DIR`` the bench runs on the DICOM files given instead. The measuring is in
-:mod:`node.bench`.
+:mod:`node.tools.bench`.
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ import typer
 from node.commands._args import parse_size
 
 if TYPE_CHECKING:
-    from node.bench import BenchInputs, ExportOnnx
+    from node.tools.bench import BenchInputs, ExportOnnx
 
 log = logging.getLogger(__name__)
 
 QUICK_SIZE = (384, 288)
-FOUR_VIEWS = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -41,14 +40,14 @@ def synthesise_inputs(workdir: Path, size: tuple[int, int]) -> BenchInputs:
     """One phantom in every transfer syntax, and a 4-view JPEG 2000 study (training extra)."""
     import numpy as np
 
-    from inference.uids import derive_uid
-    from node.bench import SYNTAXES, BenchInputs
+    from inference import SCREENING_SIDE_VIEWS, derive_uid
+    from node.tools.bench import SYNTAXES, BenchInputs
     from training.synth import make_dicom, synth_breast, write_dicom
 
     study_uid = derive_uid("mammonode-bench", f"{size[0]}x{size[1]}")
     study: list[Path] = []
     first: np.ndarray | None = None
-    for number, (laterality, view) in enumerate(FOUR_VIEWS, start=1):
+    for number, (laterality, view) in enumerate(SCREENING_SIDE_VIEWS, start=1):
         pixels, _ = synth_breast(
             np.random.default_rng([7, number]), laterality=laterality, view=view, size=size
         )
@@ -83,9 +82,9 @@ def synthesise_inputs(workdir: Path, size: tuple[int, int]) -> BenchInputs:
 
 
 def _exporter() -> ExportOnnx | None:
-    """:func:`training.export.export_onnx` as an :data:`ExportOnnx`, or None without the extra."""
+    """:func:`training.onnx_export.export_onnx` as an :data:`ExportOnnx`, or None without the extra."""
     try:
-        from training.export import export_onnx
+        from training.onnx_export import export_onnx
     except ImportError:
         return None
 
@@ -129,8 +128,8 @@ def bench_command(
     ] = None,
 ) -> None:
     """Measure decode, preprocessing, inference per backend and a 4-view study end to end on this machine."""
-    from inference.pixel_pool import POOL_KINDS
-    from node.bench import BenchSettings, data_inputs, format_report, run_bench
+    from inference import POOL_KINDS
+    from node.tools.bench import BenchSettings, data_inputs, format_report, run_bench
 
     if pool not in POOL_KINDS:
         raise typer.BadParameter(f"--pool must be one of {', '.join(POOL_KINDS)}, got {pool!r}")

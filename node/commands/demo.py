@@ -1,5 +1,5 @@
 """`mammonode demo`: two synthetic studies (one cancer, one normal) through a node on loopback,
-or scored offline; the results next to the ground truth. The demo itself is in :mod:`node.demo`."""
+or scored offline; the results next to the ground truth. The demo itself is in :mod:`node.tools.demo`."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def demo(
     """Start a node on loopback, send it a cancer and a normal 4-view study over DICOM, show the results."""
     from functools import partial
 
-    from node.demo import ScoreStep, offline_step, run_demo
+    from node.tools.demo import ScoreStep, offline_step, run_demo
 
     try:
         from training.synth.studies import synthesise_studies
@@ -41,7 +41,7 @@ def demo(
     if offline:
         step = offline_step(_say)
     else:
-        from node.demo_network import score_over_network
+        from node.tools.demo_network import score_over_network
 
         step = partial(score_over_network, say=_say)
     outcome = run_demo(out, model, seed, synthesise=synthesise_studies, score_step=step)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from inference.types import MammoNodeError
+from inference import MammoNodeError
 from node.commands._admin import ConfigOption
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def send_command(
     reached), exit 1 if any did."""
     from node.config import Destination
     from node.dicom.sender import store_files
-    from node.offline import collect_files
+    from node.tools.offline import collect_files
 
     _quiet_pynetdicom()
     destination = Destination.parse(to)

@@ -1,8 +1,8 @@
 """`mammonode export onnx|tensorrt`: the model as an ONNX graph checked against torch, and a TensorRT
 engine for this GPU built from that graph.
 
-Only typer is imported at load time; the exporters (:mod:`training.export`,
-:mod:`training.export_tensorrt`: torch, onnx, tensorrt) are imported inside the commands. The
+Only typer is imported at load time; the exporters (:mod:`training.onnx_export`,
+:mod:`inference.backends.tensorrt_build`: torch, onnx, tensorrt) are imported inside the commands. The
 defaults below repeat the exporters' own (a test checks they agree), so `--help` needs neither.
 """
 
@@ -14,11 +14,11 @@ from typing import Annotated
 import typer
 
 DEFAULT_OPSET = 17
-"""= training.export.DEFAULT_OPSET"""
+"""= training.onnx_export.DEFAULT_OPSET"""
 DEFAULT_MAX_BATCH = 8
-"""= training.export_tensorrt.DEFAULT_MAX_BATCH"""
+"""= inference.backends.tensorrt_build.DEFAULT_MAX_BATCH"""
 DEFAULT_CALIBRATION_IMAGES = 64
-"""= training.export_tensorrt.DEFAULT_CALIBRATION_IMAGES"""
+"""= inference.backends.tensorrt_build.DEFAULT_CALIBRATION_IMAGES"""
 
 
 def onnx_command(
@@ -33,7 +33,7 @@ def onnx_command(
     opset: Annotated[int, typer.Option(min=13, max=20, help="ONNX opset.")] = DEFAULT_OPSET,
 ) -> None:
     """Export the model as one ONNX graph (logit + CAM), check it against torch, record its SHA-256."""
-    from training.export import export_onnx
+    from training.onnx_export import export_onnx
 
     result = export_onnx(model, out=out, opset=opset)
     worst = max(result.parity.values(), key=lambda r: r.probability_max_abs_diff)
@@ -69,7 +69,7 @@ def tensorrt_command(
     ] = False,
 ) -> None:
     """Build a TensorRT engine for this GPU from the model's ONNX graph; record it in the manifest."""
-    from training.export_tensorrt import build_engine, precision_of
+    from inference import build_engine, precision_of
 
     result = build_engine(
         model,

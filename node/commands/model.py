@@ -2,7 +2,7 @@
 
 Promotion is the only way the serving model changes (retraining registers a challenger but never
 promotes it); the worker loads the promoted model for every score after it. Logic and auditing
-live in :mod:`node.model_registry`.
+live in :mod:`node.admin.models`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def list_command(
     config: ConfigOption = None,
 ) -> None:
     """Registered models and the bundled demo model; * marks the one that serves."""
+    from node.admin.models import list_models
     from node.commands._admin import load, open_session
-    from node.model_registry import list_models
 
     cfg = load(config)
     with open_session(cfg) as session:
@@ -54,9 +54,9 @@ def register_command(
     config: ConfigOption = None,
 ) -> None:
     """Check a model folder's weights against its manifest and register it (not promoted)."""
+    from node.admin.models import register_model
     from node.audit import cli_actor
     from node.commands._admin import load, open_session
-    from node.model_registry import register_model
 
     with open_session(load(config)) as session:
         row, new = register_model(session, model_dir, cli_actor())
@@ -74,9 +74,9 @@ def promote_command(
     config: ConfigOption = None,
 ) -> None:
     """Make one model the serving model; every score after this names it."""
+    from node.admin.models import promote_model
     from node.audit import cli_actor
     from node.commands._admin import load, open_session
-    from node.model_registry import promote_model
 
     cfg = load(config)
     with open_session(cfg) as session:

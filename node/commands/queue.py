@@ -1,7 +1,7 @@
 """`mammonode queue [list] | retry | drop`: the outbox and scoring queues, for operators.
 
 Transmissions are addressed by number, scoring jobs as ``job:NUMBER`` (both as `queue list`
-prints them). Logic and auditing live in :mod:`node.queue_admin`.
+prints them). Logic and auditing live in :mod:`node.admin.queue`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object per li
 
 
 def _show(state: str | None, json_output: bool, config: ConfigOption) -> None:
+    from node.admin.queue import list_items
     from node.commands._admin import load, open_session
-    from node.queue_admin import list_items
 
     with open_session(load(config)) as session:
         items = list_items(session, state)
@@ -67,9 +67,11 @@ def retry_command(
     config: ConfigOption = None,
 ) -> None:
     """Put transmissions (or scoring jobs) back in the queue, due now."""
+    from node.admin.queue import QueueError, parse_refs, retry, transmissions_in_state
     from node.audit import cli_actor
     from node.commands._admin import load, open_session
-    from node.queue_admin import QueueError, jobs_in_state, parse_refs, retry, transmissions_in_state
+    from node.db.repository import job_ids_in_state
+    from node.db.states import JobState
 
     if not ids and not all_dead and not all_failed:
         raise QueueError("name the items to retry (IDs from `mammonode queue`), or --all-dead / --all-failed")
@@ -79,7 +81,7 @@ def retry_command(
             tx_ids += transmissions_in_state(session, "dead")
         if all_failed:
             tx_ids += transmissions_in_state(session, "failed")
-            job_ids += jobs_in_state(session, "failed")
+            job_ids += job_ids_in_state(session, JobState.FAILED)
         lines = retry(session, tx_ids, job_ids, cli_actor())
         session.commit()
     for line in lines:
@@ -92,9 +94,9 @@ def drop_command(
     config: ConfigOption = None,
 ) -> None:
     """Take transmissions (or failed scoring jobs) out of the queue for good."""
+    from node.admin.queue import drop, parse_refs
     from node.audit import cli_actor
     from node.commands._admin import load, open_session
-    from node.queue_admin import drop, parse_refs
 
     tx_ids, job_ids = parse_refs(ids)
     with open_session(load(config)) as session:

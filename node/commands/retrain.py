@@ -7,8 +7,9 @@ retrain command (it is an optional extra of a serving install).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -38,8 +39,8 @@ def export_cases_command(
 ) -> None:
     """Export the node's scorable mammograms, de-identified, in the RSNA layout (train.csv + images)."""
     from node import audit
+    from node.cases.export_cases import export_cases, read_outcomes, select_cases
     from node.commands._admin import load, open_session
-    from node.export import export_cases, read_outcomes, select_cases
 
     cfg = load(config)
     outcomes = read_outcomes(labels) if labels is not None else None
@@ -109,8 +110,8 @@ def retrain_command(
         )
         raise typer.Exit(1)
     from node.audit import cli_actor
+    from node.cases.retrain import RetrainOptions, run_retrain
     from node.commands._admin import load, open_session
-    from node.retrain import RetrainOptions, run_retrain
 
     options = RetrainOptions(
         labels=labels,
@@ -131,8 +132,35 @@ def retrain_command(
     )
     cfg = load(config)
     with open_session(cfg) as session:
-        result = run_retrain(session, cfg, options, cli_actor())
+        result = run_retrain(session, cfg, options, cli_actor(), _TrainingSteps())
     typer.echo(result.table())
+
+
+class _TrainingSteps:
+    """The training package's functions for :func:`node.cases.retrain.run_retrain` (imported here, lazily)."""
+
+    def split_by_patient(
+        self, patient_ids: Sequence[str], labels: Sequence[float], fraction: float, seed: int
+    ) -> tuple[list[str], list[str]]:
+        from training.sampler import split_by_patient
+
+        return split_by_patient(patient_ids, labels, fraction, seed)
+
+    def train(self, **request: Any) -> Path:
+        from training.dispatch import run_train
+        from training.request import TrainRequest
+
+        return run_train(TrainRequest(**request))
+
+    def evaluate(self, dataset: Path, *, model_dir: Path, backend: str, workers: int) -> dict[str, Any]:
+        from training.dispatch import run_evaluate
+
+        return run_evaluate(dataset, model_dir=model_dir, backend=backend, workers=workers)
+
+    def record_report(self, report: dict[str, Any], *, model_dir: Path, name: str) -> None:
+        from training.dispatch import record_report
+
+        record_report(report, model_dir=model_dir, name=name)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,5 +1,5 @@
 """`mammonode score`: score DICOM files offline; a table (or JSON) of image, breast and exam
-scores on stdout, the SC, SR, PNG and summary.json in --out. The scoring is in :mod:`node.offline`."""
+scores on stdout, the SC, SR, PNG and summary.json in --out. The scoring is in :mod:`node.tools.offline`."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def score(
 ) -> None:
     """Score mammograms offline: table of image, breast and exam scores, DICOM results in --out."""
     from node.commands._progress import progress_bar
-    from node.offline import run_score
+    from node.tools.offline import run_score
 
     with progress_bar("score", quiet=quiet) as bar:
         result = run_score(

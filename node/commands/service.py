@@ -39,10 +39,10 @@ def studies(
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Recent studies: state, latest per-breast and exam scores, model version and delivery state."""
+    from node.admin.studies import format_studies, recent_studies
     from node.config import load_config
     from node.db.migrate import DatabaseUnavailableError, ensure_schema
     from node.db.session import make_engine, session_factory
-    from node.queue.report import format_studies, recent_studies
 
     cfg = load_config(config)
     url = cfg.resolved_database_url

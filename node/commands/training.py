@@ -11,8 +11,7 @@ from typing import Annotated
 
 import typer
 
-from inference.jsonsafe import dumps
-from inference.types import InputError
+from inference import InputError, dumps
 from node.commands._args import parse_size
 
 
@@ -163,27 +162,35 @@ def evaluate_command(
         str | None,
         typer.Option(help="Also store the report in the model's manifest as metrics.NAME (e.g. test)."),
     ] = None,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="No progress bar (there is none when stderr is not a terminal)."),
+    ] = False,
 ) -> None:
     """Evaluate a model: image and breast metrics, aggregation comparison, CAM localisation."""
+    from node.commands._progress import progress_bar
     from training.dispatch import run_evaluate
     from training.run import format_report
 
-    report = run_evaluate(
-        dataset,
-        model_dir=model,
-        backend=backend,
-        aggregation=aggregation,
-        target_sensitivity=sensitivity,
-        plots_dir=plots,
-        workers=workers,
-        layout=layout,
-    )
+    with progress_bar("evaluate", quiet=quiet) as bar:
+        report = run_evaluate(
+            dataset,
+            model_dir=model,
+            backend=backend,
+            aggregation=aggregation,
+            target_sensitivity=sensitivity,
+            plots_dir=plots,
+            workers=workers,
+            layout=layout,
+            progress=bar.update,
+            on_total=bar.start,
+        )
     if record is not None:
         from training.dispatch import record_report
 
         record_report(report, model_dir=model, name=record)
     if layout != "rsna" and not json_output:
-        from training.histology import format_histology_report
+        from training.histology_run import format_histology_report
 
         typer.echo(format_histology_report(report))
         return

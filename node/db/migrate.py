@@ -30,7 +30,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.pool import NullPool
 
 import migrations
-from inference.types import MammoNodeError
+from inference import MammoNodeError
 from node.config import ConfigError, mask_url
 from node.db.models import Base
 from node.db.session import is_sqlite, make_engine

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from inference.types import MammoNodeError
+from inference import MammoNodeError
 
 
 class StudyState(StrEnum):

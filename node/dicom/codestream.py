@@ -21,7 +21,9 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from inference.types import InputError
+from pydicom import uid
+
+from inference import InputError
 
 ITEM = 0xFFFEE000
 SEQUENCE_DELIMITER = 0xFFFEE0DD
@@ -30,23 +32,15 @@ HEAD_BYTES = 64 * 1024
 """How much of a frame is gathered to find its header (J2K SIZ is in the first ~50 bytes; a JPEG
 SOF follows tables and APPn segments, which stay well under this in practice)."""
 
-JPEG_SYNTAXES = frozenset(
-    {f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64)}
-    | {"1.2.840.10008.1.2.4.65", "1.2.840.10008.1.2.4.66", "1.2.840.10008.1.2.4.70"}
-)
-JPEG_LS_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
-J2K_SYNTAXES = frozenset(
-    {
-        "1.2.840.10008.1.2.4.90",
-        "1.2.840.10008.1.2.4.91",
-        "1.2.840.10008.1.2.4.92",
-        "1.2.840.10008.1.2.4.93",
-        "1.2.840.10008.1.2.4.201",
-        "1.2.840.10008.1.2.4.202",
-        "1.2.840.10008.1.2.4.203",
-    }
-)
-RLE_SYNTAX = "1.2.840.10008.1.2.5"
+RETIRED_JPEG_PROCESSES = (52, 53, 54, 55, 56, 58, 59, 60, 61, 62, 63, 64, 65, 66)
+"""JPEG processes PS3.5 retired (and pydicom does not list), still found in old archives."""
+JPEG_SYNTAXES = frozenset(uid.JPEGTransferSyntaxes) | {
+    uid.UID(f"1.2.840.10008.1.2.4.{n}") for n in RETIRED_JPEG_PROCESSES
+}
+JPEG_LS_SYNTAXES = frozenset(uid.JPEGLSTransferSyntaxes)
+J2K_SYNTAXES = frozenset(uid.JPEG2000TransferSyntaxes)
+"""JPEG 2000 and HTJ2K: one SIZ marker segment describes both."""
+RLE_SYNTAX = uid.RLELossless
 
 _SOC, _SIZ = b"\xff\x4f", b"\xff\x51"
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"

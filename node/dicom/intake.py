@@ -32,13 +32,19 @@ from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from inference.dicom_header import DX_MAMMO_FOR_PROCESSING, is_mammogram, read_meta
-from inference.phi import scrub
-from inference.types import UNKNOWN, ImageMeta, InputError
-from inference.uids import is_valid_uid
+from inference import (
+    DX_MAMMO_FOR_PROCESSING,
+    UNKNOWN,
+    ImageMeta,
+    InputError,
+    is_mammogram,
+    is_valid_uid,
+    read_meta,
+    scrub,
+)
 from node import audit
 from node.db.models import Breast, Instance, Study, utcnow
-from node.db.states import StudyState
+from node.db.states import StudyState, check_transition
 from node.dicom import codestream
 from node.dicom.spool import InvalidUIDError
 
@@ -441,6 +447,66 @@ def side_code(laterality: str) -> str:
     return laterality if laterality in ("L", "R") else "U"
 
 
+def _study_of(session: Session, info: InstanceInfo, now: dt.datetime) -> Study:
+    """The instance's study row, created (``receiving``) on its first image."""
+    meta = info.meta
+    study = session.scalar(select(Study).where(Study.study_uid == meta.study_instance_uid))
+    if study is None:
+        study = Study(
+            study_uid=meta.study_instance_uid,
+            patient_id=meta.patient_id[:64],
+            accession_number=info.accession_number,
+            state=RECEIVING,
+            first_received_at=now,
+            last_received_at=now,
+        )
+        session.add(study)
+        session.flush()
+        return study
+    study.last_received_at = now
+    if meta.patient_id[:64] != study.patient_id:
+        log.warning(
+            "instance %s names another patient than its study %s", meta.sop_instance_uid, study.study_uid
+        )
+    return study
+
+
+def _audit_received(
+    session: Session,
+    info: InstanceInfo,
+    instance: Instance,
+    *,
+    calling_ae: str | None,
+    peer: str | None,
+    duplicate: bool,
+    late: bool,
+) -> None:
+    meta = info.meta
+    audit.record(
+        session,
+        audit.INSTANCE_RECEIVED,
+        ACTOR,
+        patient_id=meta.patient_id,
+        study_uid=meta.study_instance_uid,
+        sop_instance_uid=meta.sop_instance_uid,
+        calling_ae=calling_ae,
+        peer=peer,
+        details={
+            "sop_class_uid": meta.sop_class_uid,
+            "series_uid": meta.series_instance_uid,
+            "transfer_syntax_uid": instance.transfer_syntax_uid,
+            "laterality": instance.laterality,
+            "view": meta.view or UNKNOWN,
+            "scorable": info.scorable,
+            "reason": info.reason,
+            "size_bytes": instance.size_bytes,
+            "received_count": instance.received_count,
+            "duplicate": duplicate,
+            "late_arrival": late,
+        },
+    )
+
+
 def register_instance(
     session: Session,
     info: InstanceInfo,
@@ -462,24 +528,7 @@ def register_instance(
     """
     now = now or utcnow()
     meta = info.meta
-    study = session.scalar(select(Study).where(Study.study_uid == meta.study_instance_uid))
-    if study is None:
-        study = Study(
-            study_uid=meta.study_instance_uid,
-            patient_id=meta.patient_id[:64],
-            accession_number=info.accession_number,
-            state=RECEIVING,
-            first_received_at=now,
-            last_received_at=now,
-        )
-        session.add(study)
-        session.flush()
-    else:
-        study.last_received_at = now
-        if meta.patient_id[:64] != study.patient_id:
-            log.warning(
-                "instance %s names another patient than its study %s", meta.sop_instance_uid, study.study_uid
-            )
+    study = _study_of(session, info, now)
     laterality = side_code(meta.laterality)
     view = meta.view or UNKNOWN
     instance = session.scalar(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid))
@@ -510,31 +559,9 @@ def register_instance(
         _mark_dirty(session, study, laterality)
         if study.state != RECEIVING:
             late = True
-            study.state = RECEIVING
+            study.state = check_transition(study.state, RECEIVING)
     session.flush()
-    audit.record(
-        session,
-        audit.INSTANCE_RECEIVED,
-        ACTOR,
-        patient_id=meta.patient_id,
-        study_uid=meta.study_instance_uid,
-        sop_instance_uid=meta.sop_instance_uid,
-        calling_ae=calling_ae,
-        peer=peer,
-        details={
-            "sop_class_uid": meta.sop_class_uid,
-            "series_uid": meta.series_instance_uid,
-            "transfer_syntax_uid": transfer_syntax_uid,
-            "laterality": laterality,
-            "view": view,
-            "scorable": info.scorable,
-            "reason": info.reason,
-            "size_bytes": size_bytes,
-            "received_count": instance.received_count,
-            "duplicate": not new,
-            "late_arrival": late,
-        },
-    )
+    _audit_received(session, info, instance, calling_ae=calling_ae, peer=peer, duplicate=not new, late=late)
     return Registration(instance, study, new, late)
 
 

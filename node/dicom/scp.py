@@ -55,18 +55,24 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
+    SecondaryCaptureImageStorage,
 )
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association as PynetAssociation
 from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # defined at import
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from inference.dicom_header import DX_MAMMO_FOR_PRESENTATION, DX_MAMMO_FOR_PROCESSING
-from inference.phi import describe, scrub_library_logs
-from inference.types import InputError
-from inference.uids import is_valid_uid
+from inference import (
+    DX_MAMMO_FOR_PRESENTATION,
+    DX_MAMMO_FOR_PROCESSING,
+    InputError,
+    describe,
+    is_valid_uid,
+    scrub_library_logs,
+)
 from node import audit
 from node.config import AllowedPeer, NodeConfig
 from node.db.models import Association, utcnow
@@ -77,8 +83,8 @@ from node.dicom.status import DimseStatus, RejectReason, RejectResult, RejectSou
 log = logging.getLogger(__name__)
 
 ACTOR = "scp"
-VERIFICATION = "1.2.840.10008.1.1"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+VERIFICATION = Verification
+SECONDARY_CAPTURE = SecondaryCaptureImageStorage
 STORED_SOP_CLASSES: tuple[str, ...] = (DX_MAMMO_FOR_PRESENTATION, DX_MAMMO_FOR_PROCESSING, SECONDARY_CAPTURE)
 """The SOP classes the node spools and records; other storage classes follow the config."""
 
@@ -100,7 +106,7 @@ CANDIDATE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     RLELossless,
 )
 """Offered for the stored classes when a decoder for them is installed (see below)."""
-_UNSAFE_PLUGINS = frozenset({"gdcm"})  # inference.dicom_io never decodes with it (it can abort)
+_UNSAFE_PLUGINS = frozenset({"gdcm"})  # inference.dicom_pixels never decodes with it (it can abort)
 
 ACSE_TIMEOUT = 30.0
 DIMSE_TIMEOUT = 120.0
@@ -111,7 +117,7 @@ REGISTER_ATTEMPTS = 3
 
 
 def decodable_transfer_syntaxes() -> list[UID]:
-    """The candidate syntaxes that inference.dicom_io can decode with what is installed here.
+    """The candidate syntaxes that inference.dicom_pixels can decode with what is installed here.
 
     Native syntaxes always; a compressed one only if pydicom has an available decoder plugin
     other than gdcm. Accepting a syntax the worker cannot decode would acknowledge an image that

@@ -28,11 +28,11 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # defined at import
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inference.dicom_header import read_dataset
-from inference.types import InputError
+from inference import InputError, read_dataset
 from node import audit
 from node.config import ConfigError, Destination, NodeConfig
 from node.db.models import Job, OutputObject, Study, Transmission, as_utc, utcnow
@@ -42,7 +42,7 @@ from node.dicom.status import RejectResult, is_success, is_transient_failure, st
 log = logging.getLogger(__name__)
 
 ACTOR = "sender"
-VERIFICATION = "1.2.840.10008.1.1"
+VERIFICATION = Verification
 MAX_CONTEXTS = 120
 """Presentation contexts per association (PS3.8 allows 128 ids); more files -> more associations."""
 ACSE_TIMEOUT = 30.0

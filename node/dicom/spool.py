@@ -5,6 +5,8 @@ Paths are built only from validated UIDs (digits and dots), so hostile tag text 
 in its final folder, synced, renamed into place and the folder synced, so once the SCP commits
 the instance's row and answers Success the bytes survive a crash or power loss (invariant 1).
 A resend of the same instance rewrites the same path atomically, so duplicates are idempotent.
+The worker reads files back through :func:`read_spooled`, which checks each is the one its row
+names; :func:`read_and_prepare` is that read plus preprocessing, run in a pixel-pool child.
 """
 
 from __future__ import annotations
@@ -14,9 +16,20 @@ import logging
 import os
 from pathlib import Path, PurePosixPath
 
-from inference.manifest import atomic_write_bytes
-from inference.types import MammoNodeError
-from inference.uids import is_valid_uid
+from pydicom.dataset import Dataset
+
+from inference import (
+    ImageMeta,
+    InputError,
+    MammoNodeError,
+    PreparedImage,
+    PreprocessConfig,
+    atomic_write_bytes,
+    is_valid_uid,
+    prepare_image,
+    read_dataset,
+    read_meta,
+)
 from node.config import NodeConfig
 
 log = logging.getLogger(__name__)
@@ -138,3 +151,18 @@ def remove_stale_temp_files(config_or_root: NodeConfig | Path) -> int:
     if count:
         log.info("removed %d interrupted spool write(s)", count)
     return count
+
+
+def read_spooled(source: tuple[Path, str], study_uid: str) -> tuple[Dataset, ImageMeta]:
+    """Read a spooled file (``(path, SOP Instance UID)``) and check it is the one its row names."""
+    path, sop_instance_uid = source
+    ds = read_dataset(path)
+    meta = read_meta(ds)
+    if meta.sop_instance_uid != sop_instance_uid or meta.study_instance_uid != study_uid:
+        raise InputError("spooled file does not match its database row")
+    return ds, meta
+
+
+def read_and_prepare(source: tuple[Path, str], study_uid: str, config: PreprocessConfig) -> PreparedImage:
+    """The decode workers' task for one instance: :meth:`Pipeline.prepare` of the spooled file."""
+    return prepare_image(*read_spooled(source, study_uid), config)

@@ -18,20 +18,20 @@ import datetime as dt
 import logging
 from collections.abc import Iterable
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from inference.types import view_key
+from inference import view_key
 from node import audit
 from node.config import NodeConfig
 from node.db.models import Breast, Instance, Job, Study, as_utc, utcnow
-from node.db.states import JobState, StudyState, check_transition, move
+from node.db.repository import has_active_job, next_job_version
+from node.db.states import JobState, StudyState, move
 
 log = logging.getLogger(__name__)
 
 ACTOR = "assembly"
-ACTIVE_JOB_STATES = (JobState.PENDING, JobState.CLAIMED)
 
 
 def missing_views(config: NodeConfig, instances: Iterable[Instance]) -> set[str]:
@@ -48,21 +48,6 @@ def ready_reason(config: NodeConfig, study: Study, instances: list[Instance], no
     if quiet_for >= config.study_quiet_seconds:
         return "quiet period"
     return None
-
-
-def _next_version(session: Session, study: Study) -> int:
-    """``scored_version + 1``, or past any version a failed job already used (unique per study)."""
-    used = session.scalar(select(func.max(Job.version)).where(Job.study_id == study.id)) or 0
-    return max(study.scored_version, used) + 1
-
-
-def _has_active_job(session: Session, study_id: int) -> bool:
-    return (
-        session.scalar(
-            select(Job.id).where(Job.study_id == study_id, Job.state.in_(ACTIVE_JOB_STATES)).limit(1)
-        )
-        is not None
-    )
 
 
 def _leave_receiving(session: Session, study: Study, state: StudyState) -> bool:
@@ -86,7 +71,7 @@ def _promote_one(session: Session, config: NodeConfig, study: Study, now: dt.dat
 
     The caller commits (or rolls back when this returns None without a change).
     """
-    if _has_active_job(session, study.id):
+    if has_active_job(session, study.id):
         return None
     instances = list(session.scalars(select(Instance).where(Instance.study_id == study.id)))
     scorable = [i for i in instances if i.scorable]
@@ -117,7 +102,7 @@ def _promote_one(session: Session, config: NodeConfig, study: Study, now: dt.dat
         return None
     if not _leave_receiving(session, study, StudyState.QUEUED):
         return None
-    version = _next_version(session, study)
+    version = next_job_version(session, study)
     job = Job(study_id=study.id, version=version, lateralities="".join(sides), state=JobState.PENDING)
     session.add(job)
     session.execute(
@@ -174,31 +159,3 @@ def promote_ready(
             if job_id is not None:
                 created.append(job_id)
     return created
-
-
-def requeue_stale_claims(sessions: sessionmaker[Session], *, worker: str | None = None) -> int:
-    """Put jobs left ``claimed`` by a worker that died (or, with ``worker``, by that worker) back to
-    ``pending``; returns how many.
-
-    Called when the node starts, before its worker runs, so every claim found is stale; a worker
-    also calls it for its own name before each round, for a job it could not release (the database
-    was gone). A claim is not an attempt (:mod:`node.queue.retry`): a node killed in the middle of
-    a job charges the job nothing. Results are written under deterministic UIDs and committed
-    with the job, so re-running a job that died half way never duplicates anything.
-    """
-    requeued = 0
-    with sessions() as session:
-        query = select(Job).where(Job.state == JobState.CLAIMED)
-        if worker is not None:
-            query = query.where(Job.claimed_by == worker)
-        for job in session.scalars(query):
-            study = session.get(Study, job.study_id)
-            job.state = check_transition(job.state, JobState.PENDING)
-            job.claimed_by = None
-            job.claimed_at = None
-            if study is not None and study.state == StudyState.SCORING:
-                study.state = check_transition(study.state, StudyState.QUEUED)
-            requeued += 1
-            log.info("job %d (version %d) requeued after an interrupted run", job.id, job.version)
-        session.commit()
-    return requeued

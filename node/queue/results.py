@@ -15,11 +15,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from inference.manifest import atomic_write_bytes
-from inference.pipeline import Pipeline
-from inference.rendering import EncodedObject
-from inference.types import StudyScore
-from inference.uids import is_valid_uid
+from inference import EncodedObject, Pipeline, StudyScore, atomic_write_bytes, is_valid_uid
 from node.config import Destination
 from node.db.models import OutputObject, Score, Transmission, utcnow
 from node.db.states import TransmissionState

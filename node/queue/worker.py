@@ -30,24 +30,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from inference.aggregation import aggregate_studies
-from inference.dicom_header import read_dataset, read_meta
-from inference.phi import describe, scrub, where
-from inference.pipeline import Pipeline, PreparedImage, StudyOutputs, prepare_image
-from inference.pixel_pool import PixelPool, release_memory, shared_pool
-from inference.rendering import EncodedObject
-from inference.types import ImageFailure, ImageMeta, ImageScore, InputError, PreprocessConfig, StudyScore
+from inference import (
+    EncodedObject,
+    ImageFailure,
+    ImageMeta,
+    ImageScore,
+    InputError,
+    Pipeline,
+    PixelPool,
+    PreparedImage,
+    StudyOutputs,
+    StudyScore,
+    aggregate_studies,
+    describe,
+    release_memory,
+    scrub,
+    shared_pool,
+    where,
+)
 from node import audit
+from node.admin.models import PipelineFactory, ensure_registered, select_model_dir
+from node.admin.models import pipeline_factory as default_pipeline_factory
 from node.config import NodeConfig
 from node.db.models import Breast, Instance, Job, Score, Study, utcnow
 from node.db.states import JobState, StudyState, check_transition, move
 from node.dicom.intake import side_code
-from node.queue.assembly import requeue_stale_claims
-from node.queue.model import PipelineFactory, register_model, select_model_dir
-from node.queue.model import pipeline_factory as default_pipeline_factory
+from node.dicom.spool import read_and_prepare, read_spooled
+from node.queue.claims import claim_job, is_due, requeue_stale_claims
 from node.queue.results import KIND_SC, KIND_SR, add_output, score_rows, write_outbox_file
 from node.queue.retry import MAX_ATTEMPTS, failure_delay, is_transient, transient_delay
 
@@ -58,9 +70,6 @@ log = logging.getLogger(__name__)
 
 ACTOR = "worker"
 MAX_ERROR_CHARS = 2000
-CLAIM = move(JobState.PENDING, JobState.CLAIMED)
-START_SCORING = move(StudyState.QUEUED, StudyState.SCORING)
-"""A claim moves the job's study too, if it is still queued (a late image may have reopened it)."""
 COMPLETE = move(JobState.CLAIMED, JobState.DONE)
 POOL_IDLE_SECONDS = 15.0
 """With no job for this long the pixel pool's children are stopped (idle memory back to the node
@@ -70,58 +79,6 @@ UNREADABLE = "unreadable at scoring"
 the study still name it in their report."""
 
 
-def read_spooled(source: tuple[Path, str], study_uid: str) -> tuple[Dataset, ImageMeta]:
-    """Read a spooled file (``(path, SOP Instance UID)``) and check it is the one its row names."""
-    path, sop_instance_uid = source
-    ds = read_dataset(path)
-    meta = read_meta(ds)
-    if meta.sop_instance_uid != sop_instance_uid or meta.study_instance_uid != study_uid:
-        raise InputError("spooled file does not match its database row")
-    return ds, meta
-
-
-def _read_and_prepare(source: tuple[Path, str], study_uid: str, config: PreprocessConfig) -> PreparedImage:
-    """The decode workers' task for one instance: :meth:`Pipeline.prepare` of the spooled file."""
-    return prepare_image(*read_spooled(source, study_uid), config)
-
-
-def claim_job(
-    sessions: sessionmaker[Session], worker_name: str, now: dt.datetime | None = None
-) -> int | None:
-    """Claim the oldest pending job for ``worker_name``; its ID, or None when nothing is pending."""
-    now = now or utcnow()
-    with sessions() as session:
-        for _ in range(8):  # another worker may win the candidate; try the next one
-            job_id = session.scalar(
-                select(Job.id)
-                .where(Job.state == JobState.PENDING, _due(now))
-                .order_by(Job.created_at, Job.id)
-                .limit(1)
-                .with_for_update(skip_locked=True)
-            )
-            if job_id is None:
-                session.rollback()
-                return None
-            claimed = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == CLAIM.old)
-                .values(state=CLAIM.new, claimed_by=worker_name, claimed_at=now)
-                .execution_options(synchronize_session=False)
-            )
-            if getattr(claimed, "rowcount", 0) == 1:
-                study_id = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
-                session.execute(
-                    update(Study)
-                    .where(Study.id == study_id, Study.state == START_SCORING.old)
-                    .values(state=START_SCORING.new)
-                    .execution_options(synchronize_session=False)
-                )
-                session.commit()
-                return job_id
-            session.rollback()
-    return None
-
-
 def _image_fault(result: object) -> bool:
     """An outcome of preparing one image that is that image's fault: unusable or undecodable
     (:class:`InputError`, which includes a decoder child that died), too big to decode, or its
@@ -129,11 +86,6 @@ def _image_fault(result: object) -> bool:
     if isinstance(result, (InputError, MemoryError)):
         return True
     return isinstance(result, OSError) and not is_transient(result)
-
-
-def _due(now: dt.datetime) -> ColumnElement[bool]:
-    """Jobs whose backoff (if any) has run out."""
-    return or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now)
 
 
 @dataclass
@@ -158,7 +110,7 @@ class Worker:
     """Scores claimed jobs with the serving model; ``run_once`` is one claim-score-commit round.
 
     ``pipeline_factory`` builds a pipeline for a model folder; the default loads ``config.backend``.
-    The model folder is chosen by :func:`node.queue.model.select_model_dir` before every round, so
+    The model folder is chosen by :func:`node.admin.models.select_model_dir` before every round, so
     a promotion takes effect for the next job without a restart. ``decode_pool`` decodes a job's
     images in parallel (default: the process-wide pool of one worker process per CPU).
     """
@@ -192,7 +144,7 @@ class Worker:
             model_dir = select_model_dir(self.config, session).resolve()
         if self._pipeline is None or model_dir != self._model_dir:
             pipeline = self._factory(model_dir)
-            self._model_id = register_model(self.sessions, pipeline.manifest, model_dir, actor=ACTOR)
+            self._model_id = ensure_registered(self.sessions, pipeline.manifest, model_dir, actor=ACTOR)
             self._pipeline, self._model_dir = pipeline, model_dir
             m = pipeline.manifest
             log.info(
@@ -212,7 +164,7 @@ class Worker:
         """
         requeue_stale_claims(self.sessions, worker=self.name)
         with self.sessions() as session:
-            pending = select(Job.id).where(Job.state == JobState.PENDING, _due(utcnow())).limit(1)
+            pending = select(Job.id).where(Job.state == JobState.PENDING, is_due(utcnow())).limit(1)
             if session.scalar(pending) is None:
                 self._pool.close_if_idle(POOL_IDLE_SECONDS)
                 return 0
@@ -277,7 +229,7 @@ class Worker:
             else:
                 # Decoded in the pool's workers, several images at once (inference.batching).
                 task = functools.partial(
-                    _read_and_prepare, study_uid=study.study_uid, config=pipeline.manifest.preprocess
+                    read_and_prepare, study_uid=study.study_uid, config=pipeline.manifest.preprocess
                 )
                 for instance, (_, result) in zip(instances, self._pool.imap(task, sources), strict=True):
                     if _image_fault(result):  # untrusted file: this image fails alone

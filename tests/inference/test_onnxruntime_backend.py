@@ -32,7 +32,7 @@ FOUR_VIEWS = [(side, view) for side, view in (key.split("-") for key in SCREENIN
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training.export import export_onnx
+    from training.onnx_export import export_onnx
 
     path = save_calibrated_model(tmp_path_factory.mktemp("ort") / "model")
     export_onnx(path)

@@ -60,7 +60,7 @@ except SystemExit as exc:
 # The node's worker builds its pipeline from config the same way.
 import node.queue.worker
 from node.config import NodeConfig
-from node.queue.model import pipeline_factory
+from node.admin.models import pipeline_factory
 
 model = Path(args["model"])
 pipeline = pipeline_factory(NodeConfig(backend="onnxruntime", model_dir=model))(model)
@@ -93,7 +93,7 @@ def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Made here, where torch exists; the subprocess only reads it."""
     from model_factory import save_calibrated_model
 
-    from training.export import export_onnx
+    from training.onnx_export import export_onnx
 
     model_dir = save_calibrated_model(tmp_path_factory.mktemp("torch-free") / "model")
     export_onnx(model_dir)

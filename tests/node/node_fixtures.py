@@ -89,7 +89,7 @@ def test_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def onnx_test_model(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``test_model`` with its ONNX export beside the weights, as a node serves in production:
     ``backend = "auto"`` picks ONNX Runtime and the node process never imports torch."""
-    from training.export import export_onnx
+    from training.onnx_export import export_onnx
 
     out = tmp_path_factory.mktemp("model-onnx") / "model"
     export_onnx(test_model, out=out)

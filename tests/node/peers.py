@@ -45,9 +45,11 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 
+from inference.types import SCREENING_SIDE_VIEWS
+from node.dicom.loopback import LOOPBACK, free_port
+
 log = logging.getLogger(__name__)
 
-LOOPBACK = "127.0.0.1"
 ORTHANC_AET = "ORTHANC"
 VERIFICATION = "1.2.840.10008.1.1"
 """The Verification SOP class (C-ECHO)."""
@@ -57,7 +59,7 @@ ORTHANC_FALLBACK_BINARY = "/usr/sbin/Orthanc"
 Modality = tuple[str, str, int]
 """An Orthanc ``DicomModalities`` entry: (AE title, host, port)."""
 
-FOUR_VIEWS: tuple[tuple[str, str], ...] = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
+FOUR_VIEWS = SCREENING_SIDE_VIEWS
 STUDY_IMAGE_SIZE = (384, 288)
 """Rows x columns of the synthetic mammograms: the size of the node tests' other images, so the
 tiny test models score them in well under a second each on a shared CPU."""
@@ -71,17 +73,6 @@ STORESCU_SYNTAX_FLAGS: dict[str, str] = {
     "rle": "-xr",
 }
 """training.synth transfer-syntax name -> the storescu flag that can send a file encoded with it."""
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now (the OS picks it).
-
-    There is a small window before the caller binds it; the peers here retry with a new port when
-    their own startup finds it taken.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def scu_modality(ae_title: str) -> Modality:

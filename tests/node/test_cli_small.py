@@ -167,9 +167,9 @@ def test_progress_bar_without_tqdm_is_no_bar(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_export_defaults_agree_with_the_exporters() -> None:
+    from inference.backends import tensorrt_build as export_tensorrt
     from node.commands import export
-    from training import export as onnx_export
-    from training import export_tensorrt
+    from training import onnx_export
 
     assert export.DEFAULT_OPSET == onnx_export.DEFAULT_OPSET
     assert export.DEFAULT_MAX_BATCH == export_tensorrt.DEFAULT_MAX_BATCH

@@ -7,7 +7,7 @@ from enum import StrEnum
 
 import pytest
 
-from node import queue_admin
+from node.admin import queue as queue_admin
 from node.db.states import (
     INITIAL,
     JOB_TRANSITIONS,
@@ -26,7 +26,7 @@ from node.db.states import (
     values,
 )
 from node.dicom.intake import RECEIVING
-from node.queue import worker
+from node.queue import claims, worker
 
 
 def reachable(state_type: type[StrEnum]) -> set[StrEnum]:
@@ -100,9 +100,9 @@ def test_studies_reopen_on_a_late_image_and_score_only_from_queued() -> None:
 
 
 def test_named_moves() -> None:
-    assert worker.CLAIM == (JobState.PENDING, JobState.CLAIMED)
+    assert claims.CLAIM == (JobState.PENDING, JobState.CLAIMED)
     assert worker.COMPLETE == (JobState.CLAIMED, JobState.DONE)
-    assert worker.START_SCORING == (StudyState.QUEUED, StudyState.SCORING)
+    assert claims.START_SCORING == (StudyState.QUEUED, StudyState.SCORING)
     with pytest.raises(StateError, match="a job cannot move from pending to done"):
         move(JobState.PENDING, JobState.DONE)
 

@@ -46,7 +46,7 @@ def test_bundled_model_meets_its_targets_on_the_recorded_test_set() -> None:
 def test_bundled_onnx_graph_ships_and_agrees_with_the_weights() -> None:
     from inference.backends.parity import compare_outputs
     from inference.backends.registry import load_backend
-    from training.export import parity_inputs
+    from training.onnx_export import parity_inputs
 
     model_dir = bundled_model_dir()
     manifest = load_manifest(model_dir)

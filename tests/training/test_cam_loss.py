@@ -12,9 +12,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from loop_toys import MaskedToyBreasts, TinyCamNet, ToyBreasts
 
-from training import loop as loop_module
+from training import epoch as epoch_module
 from training.cam_loss import cam_peak_loss, lesion_coverage
-from training.loop import TrainConfig, train
+from training.loop import train
+from training.loop_types import TrainConfig
 
 
 def _mask(h: int, w: int, box: tuple[int, int, int, int]) -> torch.Tensor:
@@ -102,7 +103,7 @@ def test_the_loop_augments_masks_with_their_images(tmp_path: Path, monkeypatch: 
         seen[-1] = (images, masks.detach().clone())
         return cam_peak_loss(cams, masks)
 
-    monkeypatch.setattr(loop_module, "cam_peak_loss", spy)
+    monkeypatch.setattr(epoch_module, "cam_peak_loss", spy)
     train_set, val_set = MaskedToyBreasts(16, positive_every=2, seed=0), MaskedToyBreasts(8, seed=1)
     train(_config(tmp_path, cam_mask_weight=1.0), train_set, val_set, Recorder)
     batches = [(x, m) for x, m in seen if m.numel()]

@@ -26,7 +26,7 @@ from training.datasets.histology import (
     load_class_folders,
     load_idc,
 )
-from training.histology import METRIC_KEYS, evaluate_histology, run_histology_train, split_groups
+from training.histology_run import METRIC_KEYS, evaluate_histology, run_histology_train, split_groups
 from training.request import TrainRequest
 
 SIZE = 32
@@ -223,7 +223,7 @@ def test_undecodable_image_is_an_input_error_naming_the_file(tmp_path: Path) -> 
 def test_mammography_sized_grid_for_patches_is_warned_about(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from training.histology import _warn_if_upsampling
+    from training.histology_run import _warn_if_upsampling
 
     records = load_idc(make_idc(tmp_path / "idc", both=1, benign_only=0, per_class=2))
     with caplog.at_level(logging.WARNING):
@@ -292,7 +292,10 @@ def test_idc_training_writes_a_loadable_model_that_separates_the_classes(idc_run
 
 def test_evaluate_histology_reports_patch_and_patient_metrics(idc_run: tuple[Path, Path]) -> None:
     data, model_dir = idc_run
-    report = evaluate_histology(data, model_dir, "idc")
+    totals: list[int] = []
+    done: list[int] = []
+    report = evaluate_histology(data, model_dir, "idc", progress=done.append, on_total=totals.append)
+    assert totals == [104] and done == [64, 40]  # one progress call per scored batch
     for level in ("patch", "patient"):
         assert set(METRIC_KEYS) <= set(report[level]), level
         assert "threshold_at_sensitivity" in report[level]

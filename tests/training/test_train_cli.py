@@ -99,6 +99,37 @@ def test_evaluate_text_report_and_bad_aggregation(trained: Path, tiny_dataset: P
     ]
 
 
+def test_evaluate_progress_counts_every_image(trained: Path, tiny_dataset: Path) -> None:
+    """run_evaluate announces the number of images, then reports each scored batch."""
+    from training.dispatch import run_evaluate
+
+    totals: list[int] = []
+    done: list[int] = []
+    report = run_evaluate(
+        tiny_dataset, model_dir=trained / "model", progress=done.append, on_total=totals.append
+    )
+    images = report["measured_on"]["images"]
+    assert totals == [images]
+    assert len(done) > 1 and all(n > 0 for n in done)  # one call per batch, not one at the end
+    assert sum(done) == images
+
+
+def test_evaluate_command_draws_its_progress_bar_unless_quiet(
+    trained: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from node.commands import _progress
+
+    monkeypatch.setattr(_progress, "wanted", lambda quiet: not quiet)  # as if stderr were a terminal
+    args = ["evaluate", str(tiny_dataset), "--model", str(trained / "model"), "--json"]
+    shown = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert shown.exit_code == 0, shown.output
+    images = json.loads(shown.stdout)["measured_on"]["images"]
+    assert f"{images}/{images}" in shown.stderr
+    quiet = CliRunner().invoke(app, [*args, "--quiet"], catch_exceptions=False)
+    assert quiet.exit_code == 0, quiet.output
+    assert f"/{images}" not in quiet.stderr
+
+
 def test_train_resumes_from_its_last_checkpoint(trained: Path, tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "resumed"
     _run(

@@ -24,7 +24,8 @@ WORKER = textwrap.dedent(
     import torch
 
     from loop_toys import TinyCamNet, ToyBreasts
-    from training.loop import TrainConfig, train
+    from training.loop import train
+    from training.loop_types import TrainConfig
 
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])

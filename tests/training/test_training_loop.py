@@ -16,7 +16,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from loop_toys import TinyCamNet, ToyBreasts
 
-from training.loop import TrainConfig, TrainResult, _pos_weight, train
+from training.loop import _pos_weight, train
+from training.loop_types import TrainConfig, TrainResult
 from training.predict import predict
 from training.transforms import NO_AUGMENTATION
 

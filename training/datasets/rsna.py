@@ -14,7 +14,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference.types import RSNA_COLUMNS, InputError
+from inference.rsna_layout import CSV_NAME, IMAGES_DIR, RSNA_COLUMNS
+from inference.types import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +145,8 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str
 
 def load_rsna(
     root: Path,
-    csv_name: str = "train.csv",
-    images_dir: str = "train_images",
+    csv_name: str = CSV_NAME,
+    images_dir: str = IMAGES_DIR,
     *,
     check_files: bool = True,
 ) -> list[RsnaRecord]:

@@ -18,7 +18,7 @@ from training.synth.film import render_film_view
 from training.synth.lesions import Lesion, random_lesion
 from training.synth.phantom import RenderedView, render_view, synth_breast
 from training.synth.plan import DIGITAL, FILM, STYLES
-from training.synth.voi import VOI_STYLES
+from training.synth.windows import VOI_STYLES
 
 __all__ = [
     "DEFAULT_SIZES",

@@ -17,7 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from training.datasets.rsna import LESION_COLUMNS, LESIONS_CSV, MASKS_DIR, RSNA_COLUMNS
+from inference.rsna_layout import CSV_NAME, IMAGES_DIR, RSNA_COLUMNS
+from training.datasets.rsna import LESION_COLUMNS, LESIONS_CSV, MASKS_DIR
 from training.synth.dicom_writer import make_dicom, write_dicom
 from training.synth.encoding import MIXED, check_transfer_syntax
 from training.synth.film import render_film_view
@@ -27,8 +28,6 @@ from training.synth.plan import DIGITAL, FILM, STYLES, ImagePlan, PatientPlan, p
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "1"
-IMAGES_DIR = "train_images"
-CSV_NAME = "train.csv"
 DEFAULT_SIZES: dict[str, tuple[int, int]] = {DIGITAL: (1024, 768), FILM: (4500, 2700)}
 """Nominal (rows, columns) of each style when no size is given."""
 DEFAULT_TRANSFER_SYNTAXES: dict[str, str] = {DIGITAL: "explicit", FILM: "rle"}
@@ -86,6 +85,57 @@ def generate_dataset(
     calling script needs the usual ``if __name__ == "__main__":`` guard.
     """
     out = Path(out)
+    size, transfer_syntax = _checked_arguments(
+        out,
+        patients=patients,
+        cancer_rate=cancer_rate,
+        size=size,
+        transfer_syntax=transfer_syntax,
+        workers=workers,
+        lesion_contrast=lesion_contrast,
+        style=style,
+    )
+    plans = plan_dataset(
+        patients=patients,
+        seed=seed,
+        cancer_rate=cancer_rate,
+        size=size,
+        transfer_syntax=transfer_syntax,
+        style=style,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    logger.info("generating %d synthetic %s patients into %s (%d workers)", patients, style, out, workers)
+    results = _render_patients(plans, out, lesion_contrast, workers)
+
+    rows = [row for r in results for row in r.rows]
+    _write_csv(out / CSV_NAME, RSNA_COLUMNS, rows)
+    _write_csv(out / LESIONS_CSV, LESION_COLUMNS, [row for r in results for row in r.lesion_rows])
+    used = tuple(sorted(set().union(*(r.transfer_syntaxes for r in results))))
+    summary = SynthSummary(
+        out=out,
+        n_patients=patients,
+        n_images=len(rows),
+        n_cancer_breasts=sum(r.n_cancer_breasts for r in results),
+        transfer_syntaxes=used,
+    )
+    _write_readme(out, summary, seed, cancer_rate, size, transfer_syntax, lesion_contrast, style)
+    logger.info("wrote %d images, %d cancer breasts", summary.n_images, summary.n_cancer_breasts)
+    return summary
+
+
+def _checked_arguments(
+    out: Path,
+    *,
+    patients: int,
+    cancer_rate: float,
+    size: tuple[int, int] | None,
+    transfer_syntax: str | None,
+    workers: int,
+    lesion_contrast: float,
+    style: str,
+) -> tuple[tuple[int, int], str]:
+    """Refuse bad arguments (ValueError) before anything is written; returns the size and
+    transfer syntax, the style's defaults where none was given."""
     if patients < 1:
         raise ValueError(f"patients must be >= 1, got {patients}")
     if not 0.0 <= cancer_rate <= 1.0:
@@ -105,40 +155,19 @@ def generate_dataset(
     check_transfer_syntax(transfer_syntax)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"output directory {out} exists and is not empty")
-    size = (int(size[0]), int(size[1]))
+    return (int(size[0]), int(size[1])), transfer_syntax
 
-    plans = plan_dataset(
-        patients=patients,
-        seed=seed,
-        cancer_rate=cancer_rate,
-        size=size,
-        transfer_syntax=transfer_syntax,
-        style=style,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    logger.info("generating %d synthetic %s patients into %s (%d workers)", patients, style, out, workers)
+
+def _render_patients(
+    plans: list[PatientPlan], out: Path, lesion_contrast: float, workers: int
+) -> list[_PatientOutput]:
+    """Render every planned patient, in plan order; ``workers`` > 1 in a "spawn" process pool."""
     if workers == 1:
-        results = [_render_patient(plan, out, lesion_contrast) for plan in plans]
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            n = len(plans)
-            results = list(pool.map(_render_patient, plans, [out] * n, [lesion_contrast] * n))
-
-    rows = [row for r in results for row in r.rows]
-    _write_csv(out / CSV_NAME, RSNA_COLUMNS, rows)
-    _write_csv(out / LESIONS_CSV, LESION_COLUMNS, [row for r in results for row in r.lesion_rows])
-    used = tuple(sorted(set().union(*(r.transfer_syntaxes for r in results))))
-    summary = SynthSummary(
-        out=out,
-        n_patients=patients,
-        n_images=len(rows),
-        n_cancer_breasts=sum(r.n_cancer_breasts for r in results),
-        transfer_syntaxes=used,
-    )
-    _write_readme(out, summary, seed, cancer_rate, size, transfer_syntax, lesion_contrast, style)
-    logger.info("wrote %d images, %d cancer breasts", summary.n_images, summary.n_cancer_breasts)
-    return summary
+        return [_render_patient(plan, out, lesion_contrast) for plan in plans]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        n = len(plans)
+        return list(pool.map(_render_patient, plans, [out] * n, [lesion_contrast] * n))
 
 
 def _render_image(plan: PatientPlan, image: ImagePlan, lesion_contrast: float) -> RenderedView:

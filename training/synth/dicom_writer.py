@@ -23,7 +23,7 @@ from pydicom.uid import (
 
 from inference.uids import derive_uid, is_valid_uid
 from training.synth.encoding import TRANSFER_SYNTAXES, encode_pixels
-from training.synth.voi import VOI_STYLES, apply_voi_tags, window_for
+from training.synth.windows import VOI_STYLES, apply_voi_tags, window_for
 
 MANUFACTURER = "MammoNode synthetic phantom"
 PHOTOMETRICS: tuple[str, ...] = ("MONOCHROME2", "MONOCHROME1")

@@ -14,6 +14,7 @@ Rows x Columns. GDCM's JPEG Lossless encoder is the one GDCM codec used, and it 
 from __future__ import annotations
 
 import numpy as np
+from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -24,7 +25,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+EXPLICIT_VR_LITTLE_ENDIAN = uid.ExplicitVRLittleEndian
 
 TRANSFER_SYNTAXES: dict[str, str] = {
     "explicit": EXPLICIT_VR_LITTLE_ENDIAN,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from inference.types import SCREENING_SIDE_VIEWS
 from inference.uids import derive_uid
 from training.synth.anatomy import DENSITIES, BreastAnatomy
 from training.synth.encoding import FILM_MIXED_SYNTAXES, MIXED, TRANSFER_SYNTAXES
@@ -30,7 +31,8 @@ FILM = "film"
 STYLES: tuple[str, ...] = (DIGITAL, FILM)
 """``digital``: 4-view FFDM exams (MG For Presentation, some SC). ``film``: digitised film."""
 
-BASE_VIEWS: tuple[tuple[str, str], ...] = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
+BASE_VIEWS: tuple[tuple[str, str], ...] = SCREENING_SIDE_VIEWS
+"""The views of a digital exam, in series order (tissue seeds index into it)."""
 DENSITY_WEIGHTS = (0.10, 0.43, 0.40, 0.07)  # roughly the RSNA site-1 distribution
 EXTRA_VIEW_RATE = 0.04
 MISSING_VIEW_RATE = 0.03
@@ -119,97 +121,177 @@ def plan_dataset(
         )
     if style != DIGITAL:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
-    rng = np.random.default_rng([seed, 0])
+    return _plan_digital(
+        patients=patients, seed=seed, cancer_rate=cancer_rate, size=size, transfer_syntax=transfer_syntax
+    )
+
+
+def _draw_patients(
+    rng: np.random.Generator, patients: int, n_image_ids: int, cancer_rate: float
+) -> tuple[np.ndarray, np.ndarray, set[int]]:
+    """Sorted patient IDs, distinct image IDs and the indices of the cancer patients."""
     id_space = max(90_000, 20 * patients)
     patient_ids = np.sort(rng.choice(id_space, size=patients, replace=False) + 10_000)
-    image_ids = rng.choice(2**31 - 100_000, size=patients * IMAGE_IDS_PER_PATIENT, replace=False) + 100_000
+    image_ids = rng.choice(2**31 - 100_000, size=n_image_ids, replace=False) + 100_000
     n_cancer = round(cancer_rate * patients)
     cancer_patients = {int(i) for i in rng.choice(patients, size=n_cancer, replace=False)}
+    return patient_ids, image_ids, cancer_patients
+
+
+def _random_age(rng: np.random.Generator) -> int:
+    return int(np.clip(round(rng.normal(58.0, 10.0)), 38, 89))
+
+
+def _random_time(rng: np.random.Generator) -> str:
+    """A study time HHMMSS during the working day."""
+    return f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}{int(rng.integers(0, 60)):02d}"
+
+
+def _random_border(rng: np.random.Generator, machine: Machine) -> str | None:
+    """Where a bright collimator strip shows, if this machine leaves one on this image."""
+    return str(rng.choice(["top", "bottom", "far"])) if rng.random() < machine.border_rate else None
+
+
+def _plan_breasts(
+    rng: np.random.Generator, density: str, implant: bool, cancer_sides: set[str], site_id: int
+) -> tuple[BreastPlan, BreastPlan]:
+    """The left and right breast of one patient: mirrored anatomy, lesions where there is cancer."""
+    anatomy_r = BreastAnatomy.random(rng, density, implant=implant)
+    anatomy_l = anatomy_r.mirrored_twin(rng)
+    return (
+        _plan_breast(rng, "L", anatomy_l, "L" in cancer_sides, site_id),
+        _plan_breast(rng, "R", anatomy_r, "R" in cancer_sides, site_id),
+    )
+
+
+_TS_NAMES = sorted(TRANSFER_SYNTAXES)
+"""The transfer syntaxes ``mixed`` cycles through in a digital dataset."""
+
+
+@dataclass(frozen=True)
+class _DigitalStorage:
+    """How a digital dataset's images are stored: VOI and (``mixed``) transfer syntax cycle over
+    the images of the whole dataset, from offsets drawn from the seed."""
+
+    voi_offset: int
+    transfer_syntax: str
+    ts_offset: int
+
+    def voi(self, image_number: int) -> str:
+        return VOI_CYCLE[(self.voi_offset + image_number) % len(VOI_CYCLE)]
+
+    def syntax(self, image_number: int) -> str:
+        if self.transfer_syntax != MIXED:
+            return self.transfer_syntax
+        return _TS_NAMES[(self.ts_offset + image_number) % len(_TS_NAMES)]
+
+
+def _plan_digital(
+    *, patients: int, seed: int, cancer_rate: float, size: tuple[int, int], transfer_syntax: str
+) -> list[PatientPlan]:
+    """Plan ``patients`` digital 4-view exams (now and then a view repeated or missing)."""
+    rng = np.random.default_rng([seed, 0])
+    patient_ids, image_ids, cancer_patients = _draw_patients(
+        rng, patients, patients * IMAGE_IDS_PER_PATIENT, cancer_rate
+    )
     machine_offset = int(rng.integers(len(MACHINES)))
     voi_offset = int(rng.integers(len(VOI_CYCLE)))
-    ts_names = sorted(TRANSFER_SYNTAXES)
-    ts_offset = int(rng.integers(len(ts_names)))
+    storage = _DigitalStorage(voi_offset, transfer_syntax, int(rng.integers(len(_TS_NAMES))))
 
     plans: list[PatientPlan] = []
     image_counter = 0
     for index in range(patients):
-        prng = np.random.default_rng([seed, 1, index])
-        patient_id = int(patient_ids[index])
-        machine = MACHINES[(machine_offset + index) % len(MACHINES)]
-        density = str(prng.choice(DENSITIES, p=DENSITY_WEIGHTS))
-        implant = bool(prng.random() < IMPLANT_RATE)
-        age = int(np.clip(round(prng.normal(58.0, 10.0)), 38, 89))
-        date = dt.date(2014, 1, 1) + dt.timedelta(days=int(prng.integers(0, 8 * 365)))
-        time = (
-            f"{int(prng.integers(7, 19)):02d}{int(prng.integers(0, 60)):02d}{int(prng.integers(0, 60)):02d}"
+        first_id = index * IMAGE_IDS_PER_PATIENT
+        plan = _plan_digital_patient(
+            np.random.default_rng([seed, 1, index]),
+            seed=seed,
+            index=index,
+            size=size,
+            patient_id=int(patient_ids[index]),
+            image_ids=[int(i) for i in image_ids[first_id : first_id + IMAGE_IDS_PER_PATIENT]],
+            cancer=index in cancer_patients,
+            machine=MACHINES[(machine_offset + index) % len(MACHINES)],
+            storage=storage,
+            first_image=image_counter,
         )
-        study_uid = derive_uid(
-            "mammonode-synth", f"seed={seed}", f"size={size[0]}x{size[1]}", str(patient_id)
-        )
-
-        cancer_sides: set[str] = set()
-        if index in cancer_patients:
-            cancer_sides.add(str(prng.choice(["L", "R"])))
-            if prng.random() < BILATERAL_RATE:
-                cancer_sides = {"L", "R"}
-        anatomy_r = BreastAnatomy.random(prng, density, implant=implant)
-        anatomy_l = anatomy_r.mirrored_twin(prng)
-        breasts = (
-            _plan_breast(prng, "L", anatomy_l, "L" in cancer_sides, machine.site_id),
-            _plan_breast(prng, "R", anatomy_r, "R" in cancer_sides, machine.site_id),
-        )
-
-        views = list(BASE_VIEWS)
-        u = prng.random()
-        if u < EXTRA_VIEW_RATE:
-            views.append(views[int(prng.integers(len(views)))])  # a repeated acquisition
-        elif u < EXTRA_VIEW_RATE + MISSING_VIEW_RATE:
-            del views[int(prng.integers(len(views)))]
-
-        images = []
-        for k, (lat, view) in enumerate(views):
-            voi = VOI_CYCLE[(voi_offset + image_counter) % len(VOI_CYCLE)]
-            if transfer_syntax == MIXED:
-                ts = ts_names[(ts_offset + image_counter) % len(ts_names)]
-            else:
-                ts = transfer_syntax
-            border = (
-                str(prng.choice(["top", "bottom", "far"])) if prng.random() < machine.border_rate else None
-            )
-            images.append(
-                ImagePlan(
-                    image_id=int(image_ids[index * IMAGE_IDS_PER_PATIENT + k]),
-                    laterality=lat,
-                    view=view,
-                    series_number=k + 1,
-                    voi=voi,
-                    secondary_capture=voi == "none",
-                    transfer_syntax=ts,
-                    label=bool(prng.random() < machine.label_rate),
-                    label_corner=int(prng.integers(2)),
-                    border=border,
-                    tissue_seed=(seed, 2, index, BASE_VIEWS.index((lat, view))),
-                    detector_seed=(seed, 3, index, k),
-                    size=size,
-                )
-            )
-            image_counter += 1
-        plans.append(
-            PatientPlan(
-                index=index,
-                patient_id=patient_id,
-                age=age,
-                machine=machine,
-                density=density,
-                implant=implant,
-                study_uid=study_uid,
-                study_date=date.strftime("%Y%m%d"),
-                study_time=time,
-                breasts=breasts,
-                images=tuple(images),
-            )
-        )
+        image_counter += len(plan.images)
+        plans.append(plan)
     return plans
+
+
+def _plan_digital_patient(
+    prng: np.random.Generator,
+    *,
+    seed: int,
+    index: int,
+    size: tuple[int, int],
+    patient_id: int,
+    image_ids: list[int],
+    cancer: bool,
+    machine: Machine,
+    storage: _DigitalStorage,
+    first_image: int,
+) -> PatientPlan:
+    """One digital exam; ``first_image`` counts the dataset's images planned before it."""
+    density = str(prng.choice(DENSITIES, p=DENSITY_WEIGHTS))
+    implant = bool(prng.random() < IMPLANT_RATE)
+    age = _random_age(prng)
+    date = dt.date(2014, 1, 1) + dt.timedelta(days=int(prng.integers(0, 8 * 365)))
+    time = _random_time(prng)
+    study_uid = derive_uid("mammonode-synth", f"seed={seed}", f"size={size[0]}x{size[1]}", str(patient_id))
+
+    cancer_sides: set[str] = set()
+    if cancer:
+        cancer_sides.add(str(prng.choice(["L", "R"])))
+        if prng.random() < BILATERAL_RATE:
+            cancer_sides = {"L", "R"}
+    breasts = _plan_breasts(prng, density, implant, cancer_sides, machine.site_id)
+
+    images = []
+    for k, (lat, view) in enumerate(_plan_views(prng)):
+        voi = storage.voi(first_image + k)
+        border = _random_border(prng, machine)  # drawn before the label, as always
+        images.append(
+            ImagePlan(
+                image_id=image_ids[k],
+                laterality=lat,
+                view=view,
+                series_number=k + 1,
+                voi=voi,
+                secondary_capture=voi == "none",
+                transfer_syntax=storage.syntax(first_image + k),
+                border=border,
+                label=bool(prng.random() < machine.label_rate),
+                label_corner=int(prng.integers(2)),
+                tissue_seed=(seed, 2, index, BASE_VIEWS.index((lat, view))),
+                detector_seed=(seed, 3, index, k),
+                size=size,
+            )
+        )
+    return PatientPlan(
+        index=index,
+        patient_id=patient_id,
+        age=age,
+        machine=machine,
+        density=density,
+        implant=implant,
+        study_uid=study_uid,
+        study_date=date.strftime("%Y%m%d"),
+        study_time=time,
+        breasts=breasts,
+        images=tuple(images),
+    )
+
+
+def _plan_views(prng: np.random.Generator) -> list[tuple[str, str]]:
+    """The four screening views, now and then with one repeated (a re-take) or one missing."""
+    views = list(BASE_VIEWS)
+    u = prng.random()
+    if u < EXTRA_VIEW_RATE:
+        views.append(views[int(prng.integers(len(views)))])  # a repeated acquisition
+    elif u < EXTRA_VIEW_RATE + MISSING_VIEW_RATE:
+        del views[int(prng.integers(len(views)))]
+    return views
 
 
 def _plan_film(
@@ -224,83 +306,102 @@ def _plan_film(
     ``mixed`` alternates RLE and JPEG 2000, the syntaxes such archives use.
     """
     rng = np.random.default_rng([seed, 10])
-    id_space = max(90_000, 20 * patients)
-    patient_ids = np.sort(rng.choice(id_space, size=patients, replace=False) + 10_000)
-    image_ids = rng.choice(2**31 - 100_000, size=patients, replace=False) + 100_000
-    n_cancer = round(cancer_rate * patients)
-    cancer_patients = {int(i) for i in rng.choice(patients, size=n_cancer, replace=False)}
+    patient_ids, image_ids, cancer_patients = _draw_patients(rng, patients, patients, cancer_rate)
     machine_offset = int(rng.integers(len(FILM_MACHINES)))
     view_offset = int(rng.integers(len(BASE_VIEWS)))
     ts_offset = int(rng.integers(len(FILM_MIXED_SYNTAXES)))
 
     plans: list[PatientPlan] = []
     for index in range(patients):
-        prng = np.random.default_rng([seed, 11, index])
-        patient_id = int(patient_ids[index])
-        machine = FILM_MACHINES[(machine_offset + index) % len(FILM_MACHINES)]
-        density = str(prng.choice(DENSITIES, p=DENSITY_WEIGHTS))
-        age = int(np.clip(round(prng.normal(58.0, 10.0)), 38, 89))
-        date = dt.date(1988, 1, 1) + dt.timedelta(days=int(prng.integers(0, 12 * 365)))
-        time = (
-            f"{int(prng.integers(7, 19)):02d}{int(prng.integers(0, 60)):02d}{int(prng.integers(0, 60)):02d}"
-        )
-        study_uid = derive_uid(
-            "mammonode-synth", f"style={FILM}", f"seed={seed}", f"size={size[0]}x{size[1]}", str(patient_id)
-        )
-        lat, view = BASE_VIEWS[(view_offset + index) % len(BASE_VIEWS)]
-        cancer_sides = {lat} if index in cancer_patients else set()
-        anatomy_r = BreastAnatomy.random(prng, density, implant=False)
-        anatomy_l = anatomy_r.mirrored_twin(prng)
-        breasts = (
-            _plan_breast(prng, "L", anatomy_l, "L" in cancer_sides, machine.site_id),
-            _plan_breast(prng, "R", anatomy_r, "R" in cancer_sides, machine.site_id),
-        )
-        if index == 0:
-            rows, cols = size
-        else:
-            rows = round(size[0] * prng.uniform(*FILM_ROW_JITTER))
-            cols = round(size[1] * prng.uniform(*FILM_COLUMN_JITTER))
-            rows = rows | 1 if index % 2 == 0 else rows & ~1
-        image_size = (max(rows, MIN_SIZE), max(cols | 1, MIN_SIZE + 1))
         if transfer_syntax == MIXED:
             ts = FILM_MIXED_SYNTAXES[(ts_offset + index) % len(FILM_MIXED_SYNTAXES)]
         else:
             ts = transfer_syntax
-        border = str(prng.choice(["top", "bottom", "far"])) if prng.random() < machine.border_rate else None
-        image = ImagePlan(
-            image_id=int(image_ids[index]),
-            laterality=lat,
-            view=view,
-            series_number=1,
-            voi="none",
-            secondary_capture=True,
-            transfer_syntax=ts,
-            label=bool(prng.random() < machine.label_rate),
-            label_corner=int(prng.integers(2)),
-            border=border,
-            tissue_seed=(seed, 12, index),
-            detector_seed=(seed, 13, index),
-            size=image_size,
-            film=True,
-            view_text=view_text(lat, view, index),
-            laterality_keyword="Laterality" if index % 2 == 0 else "ImageLaterality",
-        )
         plans.append(
-            PatientPlan(
+            _plan_film_patient(
+                np.random.default_rng([seed, 11, index]),
+                seed=seed,
                 index=index,
-                patient_id=patient_id,
-                age=age,
-                machine=machine,
-                density=density,
-                implant=False,
-                study_uid=study_uid,
-                study_date=date.strftime("%Y%m%d"),
-                study_time=time,
-                breasts=breasts,
-                images=(image,),
+                size=size,
+                patient_id=int(patient_ids[index]),
+                image_id=int(image_ids[index]),
+                cancer=index in cancer_patients,
+                machine=FILM_MACHINES[(machine_offset + index) % len(FILM_MACHINES)],
+                side_view=BASE_VIEWS[(view_offset + index) % len(BASE_VIEWS)],
+                transfer_syntax=ts,
             )
         )
     return plans
+
+
+def _plan_film_patient(
+    prng: np.random.Generator,
+    *,
+    seed: int,
+    index: int,
+    size: tuple[int, int],
+    patient_id: int,
+    image_id: int,
+    cancer: bool,
+    machine: Machine,
+    side_view: tuple[str, str],
+    transfer_syntax: str,
+) -> PatientPlan:
+    """One digitised film and its patient; a cancer is in the imaged breast."""
+    density = str(prng.choice(DENSITIES, p=DENSITY_WEIGHTS))
+    age = _random_age(prng)
+    date = dt.date(1988, 1, 1) + dt.timedelta(days=int(prng.integers(0, 12 * 365)))
+    time = _random_time(prng)
+    study_uid = derive_uid(
+        "mammonode-synth", f"style={FILM}", f"seed={seed}", f"size={size[0]}x{size[1]}", str(patient_id)
+    )
+    lat, view = side_view
+    breasts = _plan_breasts(prng, density, False, {lat} if cancer else set(), machine.site_id)
+    image_size = _film_size(prng, size, index)
+    border = _random_border(prng, machine)  # drawn before the label, as always
+    image = ImagePlan(
+        image_id=image_id,
+        laterality=lat,
+        view=view,
+        series_number=1,
+        voi="none",
+        secondary_capture=True,
+        transfer_syntax=transfer_syntax,
+        border=border,
+        label=bool(prng.random() < machine.label_rate),
+        label_corner=int(prng.integers(2)),
+        tissue_seed=(seed, 12, index),
+        detector_seed=(seed, 13, index),
+        size=image_size,
+        film=True,
+        view_text=view_text(lat, view, index),
+        laterality_keyword="Laterality" if index % 2 == 0 else "ImageLaterality",
+    )
+    return PatientPlan(
+        index=index,
+        patient_id=patient_id,
+        age=age,
+        machine=machine,
+        density=density,
+        implant=False,
+        study_uid=study_uid,
+        study_date=date.strftime("%Y%m%d"),
+        study_time=time,
+        breasts=breasts,
+        images=(image,),
+    )
+
+
+def _film_size(prng: np.random.Generator, size: tuple[int, int], index: int) -> tuple[int, int]:
+    """The film's (rows, columns): ``size`` for the first image, jittered for the others; the
+    width always odd, the rows odd for every other image."""
+    if index == 0:
+        rows, cols = size
+    else:
+        rows = round(size[0] * prng.uniform(*FILM_ROW_JITTER))
+        cols = round(size[1] * prng.uniform(*FILM_COLUMN_JITTER))
+        rows = rows | 1 if index % 2 == 0 else rows & ~1
+    return (max(rows, MIN_SIZE), max(cols | 1, MIN_SIZE + 1))
 
 
 def _plan_breast(

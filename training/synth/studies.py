@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference.types import MammoNodeError
+from inference.types import SCREENING_SIDE_VIEWS, MammoNodeError
 from training.datasets.rsna import RsnaRecord, load_rsna
 from training.synth.dataset import generate_dataset
 
@@ -28,7 +28,8 @@ MAX_ATTEMPTS = 20
 """The generator sometimes adds a repeated view or drops one, as real screening does; the demo
 wants two complete 4-view exams, so it tries the next seed (deterministically) until it gets them."""
 
-FOUR_VIEWS = frozenset({("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")})
+FOUR_VIEWS = frozenset(SCREENING_SIDE_VIEWS)
+"""The (laterality, view) pairs a complete screening exam has."""
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from inference.bundled import BUNDLED_MODEL_DIR
 from inference.manifest import load_manifest
 from node import audit
+from node.admin.models import select_model_dir
 from node.config import NodeConfig
 from node.db.models import ModelVersion
-from node.queue.model import select_model_dir
 
 
 def _listed(output: str) -> list[dict[str, object]]:
@@ -125,10 +125,10 @@ def test_list_stars_the_bundled_model_when_it_serves_registered(
     sessions: sessionmaker[Session], db_url: str, tmp_path: Path
 ) -> None:
     """The worker registers the bundled model it serves; with nothing promoted it is still starred."""
-    from node.queue.model import register_model
+    from node.admin.models import ensure_registered
 
     manifest = load_manifest(BUNDLED_MODEL_DIR)
-    register_model(sessions, manifest, BUNDLED_MODEL_DIR)
+    ensure_registered(sessions, manifest, BUNDLED_MODEL_DIR, actor="worker")
     listed = _listed(cli(["model", "list", "--json"], db_url, tmp_path).output)
     assert [(m["bundled"], m["active"]) for m in listed] == [(True, True)]
     table = cli(["model", "list"], db_url, tmp_path).output.splitlines()

@@ -10,8 +10,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import Breast, Job, Study
-from node.queue.assembly import promote_ready, requeue_stale_claims
-from node.queue.worker import claim_job
+from node.queue.assembly import promote_ready
+from node.queue.claims import claim_job, requeue_stale_claims
 
 FOUR = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
 

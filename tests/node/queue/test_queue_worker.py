@@ -19,6 +19,7 @@ from inference.manifest import load_manifest
 from inference.pipeline import Pipeline, PreparedImage
 from inference.types import ImageScore
 from inference.uids import derive_uid
+from node.admin.models import pipeline_factory, select_model_dir
 from node.config import Destination, NodeConfig
 from node.db.models import (
     Breast,
@@ -32,10 +33,10 @@ from node.db.models import (
     as_utc,
     utcnow,
 )
-from node.queue.assembly import promote_ready, requeue_stale_claims
-from node.queue.model import pipeline_factory, select_model_dir
+from node.queue.assembly import promote_ready
+from node.queue.claims import claim_job, requeue_stale_claims
 from node.queue.retry import MAX_ATTEMPTS
-from node.queue.worker import Worker, claim_job
+from node.queue.worker import Worker
 
 STUDY_A = derive_uid("tests", "queue", "study-a")
 STUDY_B = derive_uid("tests", "queue", "study-b")

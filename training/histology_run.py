@@ -15,13 +15,17 @@ import logging
 import math
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import cv2
 import numpy as np
 
+from inference.backends.registry import load_backend
+from inference.bundled import resolve_model_dir
+from inference.manifest import ModelManifest, save_manifest
 from inference.types import InputError, PreprocessConfig
 from training.datasets.histology import PatchDataset, PatchRecord, load_layout
 from training.metrics import binary_metrics, threshold_for_sensitivity
@@ -29,8 +33,7 @@ from training.plots import write_training_curves
 
 if TYPE_CHECKING:
     from inference.backends.base import Backend
-    from inference.manifest import ModelManifest
-    from training.loop import TrainResult
+    from training.loop_types import TrainResult
     from training.request import TrainRequest
 
 logger = logging.getLogger(__name__)
@@ -105,8 +108,6 @@ def split_groups(
 
 def _warn_if_upsampling(records: Sequence[PatchRecord], size: tuple[int, int]) -> None:
     """Histology patches are small (IDC 50x50); a mammography-sized grid is almost surely a mistake."""
-    import cv2
-
     shapes = []
     for record in records[:: max(1, len(records) // 16)][:16]:
         image = cv2.imread(str(record.path), cv2.IMREAD_UNCHANGED)
@@ -126,12 +127,23 @@ def _warn_if_upsampling(records: Sequence[PatchRecord], size: tuple[int, int]) -
         )
 
 
-def score_patches(backend: Backend, dataset: PatchDataset, batch_size: int = 64) -> np.ndarray:
-    """Malignancy probabilities (N,) float64 from a serving backend, in dataset order."""
+def score_patches(
+    backend: Backend,
+    dataset: PatchDataset,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Malignancy probabilities (N,) float64 from a serving backend, in dataset order.
+
+    ``progress`` is called after each batch with the number of patches it scored.
+    """
     probs: list[np.ndarray] = []
     for start in range(0, len(dataset), batch_size):
-        logits, _ = backend.infer(dataset.batch(range(start, min(start + batch_size, len(dataset)))))
+        indices = range(start, min(start + batch_size, len(dataset)))
+        logits, _ = backend.infer(dataset.batch(indices))
         probs.append(0.5 * (1.0 + np.tanh(0.5 * logits.astype(np.float64))))  # sigmoid, no overflow
+        if progress is not None:
+            progress(len(indices))
     return np.concatenate(probs) if probs else np.zeros(0)
 
 
@@ -178,11 +190,11 @@ def choose_threshold(labels: Sequence[float], probs: np.ndarray, target_sensitiv
 def run_histology_train(request: TrainRequest) -> Path:
     """Train a patch classifier and write ``request.out / "model"``; returns that folder."""
 
-    from inference.manifest import ModelManifest, save_manifest
     from inference.model import build_model
     from inference.model_io import save_model
+    from training.checkpoint import load_checkpoint_weights
     from training.ddp import launched_as_worker
-    from training.loop import load_checkpoint_weights, train
+    from training.loop import train
     from training.transforms import AugmentConfig
 
     _check_layout(request.layout)
@@ -249,8 +261,6 @@ def _validated_manifest(
     result: TrainResult,
 ) -> tuple[ModelManifest, dict[str, dict[str, Any]]]:
     """The draft manifest with threshold, data and validation figures; and those figures."""
-    from inference.backends.registry import load_backend
-
     size = request.input_size
     # Threshold and figures come from the saved model through the serving backend, so they
     # describe exactly what `mammonode evaluate` and the node will run.
@@ -305,16 +315,16 @@ def evaluate_histology(
     backend: str = "torch",
     target_sensitivity: float = 0.9,
     workers: int = 1,
+    progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Score a labelled patch set with a model folder; metrics at the model's threshold.
 
     Returns ``patch`` (and for IDC ``patient``, the mean of each patient's patch probabilities)
     with the keys of :data:`METRIC_KEYS` plus ``threshold_at_sensitivity``, then ``measured_on``
-    and ``model`` saying what was measured with what.
+    and ``model`` saying what was measured with what. ``on_total`` is called once with the
+    number of patches to score, ``progress`` after each batch with the number scored.
     """
-    from inference.backends.registry import load_backend
-    from inference.bundled import resolve_model_dir
-
     _check_layout(layout)
     engine = load_backend(backend, resolve_model_dir(model_dir))
     manifest = engine.manifest
@@ -324,7 +334,9 @@ def evaluate_histology(
     records = load_layout(root, layout)
     dataset = PatchDataset(records, size)
     dataset.preload(workers)
-    probs = score_patches(engine, dataset)
+    if on_total is not None:
+        on_total(len(dataset))
+    probs = score_patches(engine, dataset, progress=progress)
     report: dict[str, Any] = histology_metrics(records, probs, manifest.threshold, layout)
     report["patch"]["threshold_at_sensitivity"] = _threshold_or_nan(
         np.asarray(dataset.labels), probs, target_sensitivity

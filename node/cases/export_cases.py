@@ -38,16 +38,13 @@ from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from inference.types import RSNA_COLUMNS, MammoNodeError
-from inference.uids import derive_uid, is_valid_uid
+from inference import CSV_NAME, IMAGES_DIR, RSNA_COLUMNS, MammoNodeError, derive_uid, is_valid_uid
 from node.db.models import Instance, Study
 
 log = logging.getLogger(__name__)
 
 """The columns of RSNA's ``train.csv`` (as :mod:`training.datasets.rsna` reads them; the node may
 not import training, the export tests check the two agree)."""
-CSV_NAME = "train.csv"
-IMAGES_DIR = "train_images"
 SITE_ID = 1
 MAX_AGE = 90
 """Ages above this are exported as this (HIPAA Safe Harbor groups 90 and over)."""

@@ -1,4 +1,4 @@
-"""VOI LUT variants of the phantoms (DICOM PS3.3 C.11.2).
+"""The VOI windows written into the phantoms (DICOM PS3.3 C.11.2); :mod:`inference.voi` applies them.
 
 Mammography units disagree on how they tell a viewer to display an image: a LINEAR window, a
 LINEAR_EXACT or SIGMOID one, several windows, a VOI LUT Sequence, or nothing at all. The RSNA

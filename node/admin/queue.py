@@ -16,8 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
-from inference.phi import scrub
-from inference.types import MammoNodeError
+from inference import MammoNodeError, scrub
 from node import audit
 from node.db.models import Job, OutputObject, Study, Transmission, utcnow
 from node.db.states import TRANSMISSION_DUE, JobState, StudyState, TransmissionState, check_transition
@@ -186,10 +185,6 @@ def transmissions_in_state(session: Session, state: str) -> list[int]:
     return list(
         session.scalars(select(Transmission.id).where(Transmission.state == state).order_by(Transmission.id))
     )
-
-
-def jobs_in_state(session: Session, state: str) -> list[int]:
-    return list(session.scalars(select(Job.id).where(Job.state == state).order_by(Job.id)))
 
 
 def _checked(

@@ -7,9 +7,9 @@ the phantoms the bundled model was trained on), scores them with the bundled mod
 ground truth, so the user can judge the result.
 
 The demo is three steps: synthesise -> score -> report. The score step starts a node on
-loopback and sends the studies to it over DICOM (:func:`node.demo_network.score_over_network`),
+loopback and sends the studies to it over DICOM (:func:`node.tools.demo_network.score_over_network`),
 so the demo shows the product's whole loop; ``--offline`` uses the file scorer
-(:func:`node.offline.run_score`) instead. Both have the same signature (input files, output
+(:func:`node.tools.offline.run_score`) instead. Both have the same signature (input files, output
 folder, model folder -> exit status) and write the same ``summary.json``.
 
 Nothing here prints: the steps hand their lines to a ``say`` callback and :func:`run_demo`
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from inference.bundled import resolve_model_dir
+from inference import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def offline_step(say: Say = _silent) -> ScoreStep:
     """The ``--offline`` score step: the file scorer; its score table and problems go to ``say``."""
 
     def step(files: list[Path], out: Path, model_dir: Path) -> int:
-        from node.offline import run_score
+        from node.tools.offline import run_score
 
         result = run_score(files, out=out, model_dir=model_dir)
         for line in result.problems:
@@ -133,7 +133,7 @@ def run_demo(
         files = [path for study in studies for path in study.files]
         log.info("synthesised %d studies (%d images) for the demo", len(studies), len(files))
         if score_step is None:
-            from node.demo_network import score_over_network
+            from node.tools.demo_network import score_over_network
 
             score_step = score_over_network
         code = score_step(files, out, model)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from inference.dicom_header import read_dataset, read_meta
 from inference.types import RESEARCH_NOTICE
 from node.commands import app as cli
-from node.demo import run_demo
+from node.tools.demo import run_demo
 from training.synth.studies import FOUR_VIEWS, synthesise_studies
 
 MAMMONODE = Path(sys.executable).with_name("mammonode")

@@ -18,18 +18,27 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from inference.aggregation import aggregate_studies
-from inference.backends.registry import load_backend
-from inference.batching import score_stream
-from inference.bundled import resolve_model_dir
-from inference.dicom_header import is_mammogram, read_dataset, read_meta
-from inference.jsonsafe import dumps
-from inference.overlay import save_png
-from inference.phi import scrub
-from inference.pipeline import Pipeline, PreparedImage, StudyOutputs
-from inference.pixel_pool import PixelPool, usable_cpus
-from inference.rendering import EncodedObject
-from inference.types import ImageMeta, ImageScore, InputError
+from inference import (
+    EncodedObject,
+    ImageMeta,
+    ImageScore,
+    InputError,
+    Pipeline,
+    PixelPool,
+    PreparedImage,
+    StudyOutputs,
+    aggregate_studies,
+    dumps,
+    is_mammogram,
+    load_backend,
+    read_dataset,
+    read_meta,
+    resolve_model_dir,
+    save_png,
+    score_stream,
+    scrub,
+    usable_cpus,
+)
 
 log = logging.getLogger(__name__)
 

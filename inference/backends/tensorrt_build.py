@@ -240,6 +240,33 @@ def build_serialized(
     return bytes(plan)
 
 
+def _check_request(precision: str, max_batch: int, calibration: Path | None) -> None:
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ValueError(f"unknown precision {precision!r}")
+    if not 1 <= max_batch <= 256:
+        raise ValueError(f"max batch must be in 1..256, got {max_batch}")
+    if precision == "int8" and calibration is None:
+        raise TensorRTExportError("--int8 needs --calibration DATASET_DIR (images to calibrate on)")
+
+
+def _int8_calibrator(
+    trt: Any, calibration: Path, manifest: ModelManifest, max_batch: int, calibration_images: int
+) -> Any:
+    """The INT8 calibrator over ``calibration``'s images; fails here, clearly, rather than deep
+    inside the build when the folder holds no usable batch."""
+    batches = calibration_batches(
+        calibration,
+        manifest.preprocess,
+        in_chans=manifest.in_chans,
+        batch_size=max_batch,
+        limit=max(calibration_images, max_batch),
+    )
+    first = next(batches, None)
+    if first is None:
+        raise TensorRTExportError(f"no calibration batch of {max_batch} usable images in {calibration}")
+    return make_calibrator(trt, itertools.chain([first], batches))
+
+
 def build_engine(
     model_dir: Path | None = None,
     *,
@@ -254,12 +281,7 @@ def build_engine(
     GPU ``device``, write it beside the weights and record it in the manifest."""
     from inference.backends.cuda_runtime import gpu_info, gpu_unavailable_reason, parse_device, set_device
 
-    if precision not in ("fp32", "fp16", "int8"):
-        raise ValueError(f"unknown precision {precision!r}")
-    if not 1 <= max_batch <= 256:
-        raise ValueError(f"max batch must be in 1..256, got {max_batch}")
-    if precision == "int8" and calibration is None:
-        raise TensorRTExportError("--int8 needs --calibration DATASET_DIR (images to calibrate on)")
+    _check_request(precision, max_batch, calibration)
     source = resolve_model_dir(model_dir)
     manifest = load_manifest(source)
     if manifest.onnx_file is None or manifest.onnx_sha256 is None:
@@ -282,20 +304,9 @@ def build_engine(
         logger.info("engine %s is up to date (sha256 %s)", key, cached.sha256[:12])
         return EngineBuildResult(key, source / cached.file, cached, cached=True)
 
-    calibrator = None
-    calibration_info: dict[str, Any] | None = None
+    calibrator, calibration_info = None, None
     if precision == "int8" and calibration is not None:
-        batches = calibration_batches(
-            calibration,
-            manifest.preprocess,
-            in_chans=manifest.in_chans,
-            batch_size=max_batch,
-            limit=max(calibration_images, max_batch),
-        )
-        first = next(batches, None)  # fail here, clearly, rather than deep inside the build
-        if first is None:
-            raise TensorRTExportError(f"no calibration batch of {max_batch} usable images in {calibration}")
-        calibrator = make_calibrator(trt, itertools.chain([first], batches))
+        calibrator = _int8_calibrator(trt, calibration, manifest, max_batch, calibration_images)
         calibration_info = {"dataset": str(calibration), "images_requested": calibration_images}
     logger.info(
         "building a %s TensorRT %s engine for %s, batch 1..%d",

@@ -4,7 +4,7 @@
 (:class:`node.service.Node`, embedded SQLite in ``OUT/node``), a small results receiver standing
 in for the PACS, and C-STOREs the synthetic studies to the node as a modality would. It waits
 until every study's report and secondary captures have come back, then writes the CAM pictures
-and ``summary.json`` (the shape :func:`node.demo.describe_results` reads). The node's database
+and ``summary.json`` (the shape :func:`node.tools.demo.describe_results` reads). The node's database
 stays in ``OUT/node``, so ``mammonode studies`` and ``mammonode audit`` can be pointed at it.
 Its progress lines go to the ``say`` callback the command gives (nothing here prints).
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import socket
 import threading
 import time
 from collections import defaultdict
@@ -33,9 +32,9 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from inference.manifest import algorithm_info, load_manifest
-from inference.types import MammoNodeError
+from inference import MammoNodeError, algorithm_info, load_manifest
 from node.config import AllowedPeer, Destination, NodeConfig
+from node.dicom.loopback import LOOPBACK, free_port
 from node.dicom.status import DimseStatus
 
 log = logging.getLogger(__name__)
@@ -51,18 +50,12 @@ class DemoTimeout(MammoNodeError):
     """The node did not return the results in time."""
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class ResultsReceiver:
     """A storage SCP that files every received SC and SR under ``out/sc`` and ``out/sr``."""
 
     out: Path
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     received: dict[str, list[Path]] = field(default_factory=lambda: defaultdict(list))
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: Any = None
@@ -75,7 +68,7 @@ class ResultsReceiver:
         for sop_class in (SecondaryCaptureImageStorage, Comprehensive3DSRStorage, ComprehensiveSRStorage):
             ae.add_supported_context(sop_class, [RLELossless, ExplicitVRLittleEndian])
         self._server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+            (LOOPBACK, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
         )
 
     def stop(self) -> None:
@@ -110,63 +103,25 @@ def _silent(line: str, err: bool) -> None:
     """The default ``say``: the progress lines are dropped."""
 
 
-def score_over_network(
-    files: list[Path], out: Path, model_dir: Path, *, say: Callable[[str, bool], None] = _silent
-) -> int:
-    """Send ``files`` through a loopback node and collect its results in ``out``; exit status.
-
-    ``say(line, err)`` receives the progress lines (node started, images sent, results back, the
-    studies table) as they happen."""
-    from inference.overlay import save_png
-    from node.dicom.sender import store_files
-    from node.queue.report import format_studies, recent_studies
-    from node.service import Node
-
+def _studies_in(files: list[Path]) -> dict[str, dict[str, Any]]:
+    """Study UID -> its patient and how many images the modality sends."""
     studies: dict[str, dict[str, Any]] = {}
     for path in files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         entry = studies.setdefault(str(ds.StudyInstanceUID), {"patient_id": str(ds.PatientID), "images": 0})
         entry["images"] += 1
+    return studies
 
-    node_dir = out / "node"
-    if node_dir.exists():  # the demo's own node from an earlier run: start from an empty one
-        shutil.rmtree(node_dir)
-    receiver = ResultsReceiver(out)
-    receiver.start()
-    config = NodeConfig(
-        ae_title=NODE_AE,
-        port=_free_port(),
-        bind_address="127.0.0.1",
-        data_dir=node_dir,
-        model_dir=model_dir,
-        allowed_aes=(AllowedPeer(MODALITY_AE),),
-        destinations=(Destination(PACS_AE, "127.0.0.1", receiver.port),),
-        grace_seconds=1.0,
-        study_quiet_seconds=30.0,
-        poll_seconds=0.2,
-    )
-    node = Node(config)
-    try:
-        node.start()
-        say(f"node {NODE_AE} listening on 127.0.0.1:{config.port}; results go to {PACS_AE}", False)
-        started = time.monotonic()
-        outcomes = store_files(files, Destination(NODE_AE, "127.0.0.1", config.port), MODALITY_AE)
-        failed = [o for o in outcomes if not o.ok]
-        if failed:
-            raise MammoNodeError(f"the node refused {len(failed)} image(s): {failed[0].detail}")
-        say(f"sent {len(files)} images over DICOM (C-STORE) in {time.monotonic() - started:.1f} s", False)
-        expected = {uid: s["images"] for uid, s in studies.items()}
-        deadline = time.monotonic() + WAIT_SECONDS
-        while not receiver.complete(expected):
-            if time.monotonic() > deadline:
-                raise DemoTimeout(f"no complete results after {WAIT_SECONDS:.0f} s; see mammonode studies")
-            time.sleep(0.2)
-        say(f"results back from the node after {time.monotonic() - started:.1f} s\n", False)
-        rows = recent_studies(node.sessions, limit=len(studies))
-        say(format_studies(rows), False)
-    finally:
-        node.stop()
-        receiver.stop()
+
+def _summary(
+    receiver: ResultsReceiver,
+    out: Path,
+    model_dir: Path,
+    studies: dict[str, dict[str, Any]],
+    rows: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """PNGs of the received captures and ``summary.json``'s content (the offline demo's shape)."""
+    from inference import save_png
 
     written: dict[str, list[str]] = {"png": [], "sc": [], "sr": []}
     for paths in receiver.received.values():
@@ -196,7 +151,63 @@ def score_over_network(
             for uid, s in studies.items()
         ],
         "written": written,
-        "node_data": str(config.data_dir),
     }
+    return summary
+
+
+def score_over_network(
+    files: list[Path], out: Path, model_dir: Path, *, say: Callable[[str, bool], None] = _silent
+) -> int:
+    """Send ``files`` through a loopback node and collect its results in ``out``; exit status.
+
+    ``say(line, err)`` receives the progress lines (node started, images sent, results back, the
+    studies table) as they happen."""
+    from node.admin.studies import format_studies, recent_studies
+    from node.dicom.sender import store_files
+    from node.service import Node
+
+    studies = _studies_in(files)
+    node_dir = out / "node"
+    if node_dir.exists():  # the demo's own node from an earlier run: start from an empty one
+        shutil.rmtree(node_dir)
+    receiver = ResultsReceiver(out)
+    receiver.start()
+    config = NodeConfig(
+        ae_title=NODE_AE,
+        port=free_port(),
+        bind_address=LOOPBACK,
+        data_dir=node_dir,
+        model_dir=model_dir,
+        allowed_aes=(AllowedPeer(MODALITY_AE),),
+        destinations=(Destination(PACS_AE, LOOPBACK, receiver.port),),
+        grace_seconds=1.0,
+        study_quiet_seconds=30.0,
+        poll_seconds=0.2,
+    )
+    node = Node(config)
+    try:
+        node.start()
+        say(f"node {NODE_AE} listening on 127.0.0.1:{config.port}; results go to {PACS_AE}", False)
+        started = time.monotonic()
+        outcomes = store_files(files, Destination(NODE_AE, LOOPBACK, config.port), MODALITY_AE)
+        failed = [o for o in outcomes if not o.ok]
+        if failed:
+            raise MammoNodeError(f"the node refused {len(failed)} image(s): {failed[0].detail}")
+        say(f"sent {len(files)} images over DICOM (C-STORE) in {time.monotonic() - started:.1f} s", False)
+        expected = {uid: s["images"] for uid, s in studies.items()}
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not receiver.complete(expected):
+            if time.monotonic() > deadline:
+                raise DemoTimeout(f"no complete results after {WAIT_SECONDS:.0f} s; see mammonode studies")
+            time.sleep(0.2)
+        say(f"results back from the node after {time.monotonic() - started:.1f} s\n", False)
+        rows = recent_studies(node.sessions, limit=len(studies))
+        say(format_studies(rows), False)
+    finally:
+        node.stop()
+        receiver.stop()
+
+    summary = _summary(receiver, out, model_dir, studies, rows)
+    summary["node_data"] = str(config.data_dir)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return 0

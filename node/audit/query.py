@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from inference.types import MammoNodeError
+from inference import MammoNodeError
 from node.audit import ASSOCIATION_ACCEPTED, ASSOCIATION_REJECTED, EVENTS
 from node.db.models import Association, AuditEvent, Instance, Study, as_utc
 

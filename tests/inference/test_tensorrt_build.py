@@ -20,17 +20,17 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from inference.backends.tensorrt_engines import EngineRecord, engine_file_name, engine_key, with_engine
-from inference.manifest import atomic_write_bytes, file_sha256, load_manifest, save_manifest
-from inference.preprocessing import preprocess
-from inference.types import PreprocessConfig
-from training.export_tensorrt import (
+from inference.backends.tensorrt_build import (
     TensorRTExportError,
     build_engine,
     cached_engine,
     calibration_batches,
     precision_of,
 )
+from inference.backends.tensorrt_engines import EngineRecord, engine_file_name, engine_key, with_engine
+from inference.manifest import atomic_write_bytes, file_sha256, load_manifest, save_manifest
+from inference.preprocessing import preprocess
+from inference.types import PreprocessConfig
 from training.synth import make_dicom, render_view, write_dicom
 
 CONFIG = PreprocessConfig(input_height=64, input_width=32)
@@ -179,7 +179,7 @@ def test_export_group_has_the_tensorrt_command() -> None:
 def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from model_factory import save_calibrated_model
 
-    from training.export import export_onnx
+    from training.onnx_export import export_onnx
 
     model_dir = save_calibrated_model(tmp_path_factory.mktemp("trt") / "model")
     export_onnx(model_dir)
@@ -187,7 +187,7 @@ def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _parity_inputs(model_dir: Path, count: int) -> np.ndarray:
-    from training.export import parity_inputs
+    from training.onnx_export import parity_inputs
 
     return parity_inputs(load_manifest(model_dir), count=count, seed=3)
 

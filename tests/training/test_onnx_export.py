@@ -22,7 +22,7 @@ import torch
 from model_factory import PARITY_GRID, save_calibrated_model
 from typer.testing import CliRunner
 
-import training.export as export
+import training.onnx_export as export
 from inference.manifest import file_sha256, load_manifest
 from inference.model import build_model
 from inference.model_io import load_model, save_model

@@ -29,38 +29,51 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom import uid
 from pydicom.dataset import Dataset
 
-from inference.backends.base import Backend, BackendUnavailable
-from inference.backends.registry import load_backend
-from inference.bundled import resolve_model_dir
-from inference.dicom_header import read_dataset, read_meta
-from inference.dicom_pixels import decode_pixels
-from inference.manifest import ModelManifest, load_manifest
-from inference.pipeline import Pipeline, PreparedImage, prepare_image
-from inference.pixel_pool import POOL_KINDS, PixelPool, PoolKind, usable_cpus
-from inference.preprocessing import preprocess_array
-from inference.rendering import display_image
-from inference.types import ImageMeta, MammoNodeError, PreprocessConfig
-from inference.voi import apply_voi
-from inference.writers.common import copyable_header
-from node.offline import score_files
+from inference import (
+    POOL_KINDS,
+    Backend,
+    BackendUnavailable,
+    ImageMeta,
+    MammoNodeError,
+    ModelManifest,
+    Pipeline,
+    PixelPool,
+    PoolKind,
+    PreparedImage,
+    PreprocessConfig,
+    apply_voi,
+    copyable_header,
+    decode_pixels,
+    display_image,
+    load_backend,
+    load_manifest,
+    prepare_image,
+    preprocess_array,
+    read_dataset,
+    read_meta,
+    resolve_model_dir,
+    usable_cpus,
+)
+from node.tools.offline import score_files
 
 log = logging.getLogger(__name__)
 
 SYNTAXES: tuple[str, ...] = ("explicit", "jpeg2000", "jpegls", "jpeg-lossless", "rle")
 """Transfer syntaxes timed by the decode bench (names as in the synthetic generator)."""
 SYNTAX_UIDS: dict[str, str] = {
-    "1.2.840.10008.1.2.1": "explicit",
-    "1.2.840.10008.1.2": "implicit",
-    "1.2.840.10008.1.2.4.90": "jpeg2000",
-    "1.2.840.10008.1.2.4.91": "jpeg2000-lossy",
-    "1.2.840.10008.1.2.4.80": "jpegls",
-    "1.2.840.10008.1.2.4.81": "jpegls-near-lossless",
-    "1.2.840.10008.1.2.4.70": "jpeg-lossless",
-    "1.2.840.10008.1.2.4.57": "jpeg-lossless-p14",
-    "1.2.840.10008.1.2.4.50": "jpeg-baseline",
-    "1.2.840.10008.1.2.5": "rle",
+    uid.ExplicitVRLittleEndian: "explicit",
+    uid.ImplicitVRLittleEndian: "implicit",
+    uid.JPEG2000Lossless: "jpeg2000",
+    uid.JPEG2000: "jpeg2000-lossy",
+    uid.JPEGLSLossless: "jpegls",
+    uid.JPEGLSNearLossless: "jpegls-near-lossless",
+    uid.JPEGLosslessSV1: "jpeg-lossless",
+    uid.JPEGLossless: "jpeg-lossless-p14",
+    uid.JPEGBaseline8Bit: "jpeg-baseline",
+    uid.RLELossless: "rle",
 }
 BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
 INFERENCE_SECONDS = 3.0
@@ -107,7 +120,7 @@ class _Context:
 
 ExportOnnx = Callable[[Path, Path], Path]
 """Exports the model folder (first argument) with its ONNX graph into a new folder (second);
-returns that folder. The CLI passes :func:`training.export.export_onnx` when training is installed."""
+returns that folder. The CLI passes :func:`training.onnx_export.export_onnx` when training is installed."""
 
 
 def _median(values: Sequence[float]) -> float:
@@ -137,7 +150,7 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    from inference.backends.cuda_runtime import gpu_info, gpu_unavailable_reason
+    from inference import gpu_info, gpu_unavailable_reason
 
     reason = gpu_unavailable_reason()
     return {
@@ -260,7 +273,7 @@ def bench_preprocessing(inputs: BenchInputs, context: _Context, iterations: int)
         },
     }
     out["dali_cpu"] = _bench_dali(context, iterations, device_id=None)
-    from inference.backends.cuda_runtime import gpu_unavailable_reason
+    from inference import gpu_unavailable_reason
 
     reason = gpu_unavailable_reason()
     out["dali_gpu"] = (
@@ -281,7 +294,7 @@ def _bench_dali(context: _Context, iterations: int, *, device_id: int | None) ->
 
     if importlib.util.find_spec("nvidia.dali") is None:
         return {"unavailable": "package nvidia-dali-cuda120 not installed (gpu or dev extra)"}
-    from inference.preprocessing_dali import DaliPreprocessor
+    from inference import DaliPreprocessor
 
     threads = usable_cpus()
     dali = DaliPreprocessor(
@@ -396,7 +409,7 @@ def bench_e2e(
 
 def _stages(pipeline: Pipeline, context: _Context, inputs: BenchInputs, work: Path) -> dict[str, float]:
     """One sequential pass split by step (seconds for the whole study): where the time goes."""
-    from inference.aggregation import aggregate_studies
+    from inference import aggregate_studies
 
     config = context.manifest.preprocess
     clock = time.perf_counter

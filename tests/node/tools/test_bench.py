@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from inference.manifest import load_manifest
-from node.bench import SYNTAXES, data_inputs
 from node.commands import app as cli
+from node.tools.bench import SYNTAXES, data_inputs
 
 
 @pytest.fixture(scope="module")

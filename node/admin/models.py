@@ -1,29 +1,45 @@
-"""The models the node knows (``model_versions``) and which one serves.
+"""The models the node knows (``model_versions``), which one serves, and the pipeline that serves it.
 
 A model is registered from its folder after its weights are checked against the manifest's
 SHA-256; promotion makes exactly one row active, on an explicit command only, and is audited
-with the old and new version. The worker (:func:`node.queue.model.select_model_dir`) serves
-``config.model_dir`` if set, else the active row's folder, else the bundled demo model.
+with the old and new version. The worker (:func:`select_model_dir`) serves ``config.model_dir``
+if set (an operator pinned one), else the active row's folder, else the bundled demo model.
+Every model that scores is registered by the SHA-256 of its weights, so each score and output
+object can name it (design invariant 5); registration never promotes.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 
-from inference.bundled import BUNDLED_MODEL_DIR, bundled_model_dir
-from inference.manifest import ModelManifest, load_manifest, verify_weights
-from inference.types import InputError, MammoNodeError
+from inference import (
+    BUNDLED_MODEL_DIR,
+    InputError,
+    MammoNodeError,
+    ModelManifest,
+    Pipeline,
+    bundled_model_dir,
+    load_manifest,
+    resolve_model_dir,
+    verify_weights,
+)
 from node import audit
+from node.config import NodeConfig
 from node.db.models import ModelVersion, utcnow
 
 log = logging.getLogger(__name__)
+
+PipelineFactory = Callable[[Path], Pipeline]
+"""Builds the scoring pipeline for a model folder (the worker calls it again when the model changes)."""
 
 BUNDLED_NAMES = ("bundled", "demo")
 _SHA_PREFIX_RE = re.compile(r"^[0-9a-f]{8,64}$")
@@ -119,16 +135,24 @@ def list_models(session: Session) -> list[ModelListing]:
 
 
 def register_model(
-    session: Session, model_dir: Path, actor: str, metrics: dict[str, Any] | None = None
+    session: Session,
+    model_dir: Path,
+    actor: str,
+    metrics: dict[str, Any] | None = None,
+    *,
+    manifest: ModelManifest | None = None,
 ) -> tuple[ModelVersion, bool]:
-    """Register ``model_dir`` after checking its weights; returns (row, newly_registered).
+    """Register ``model_dir``; returns (row, newly_registered). The caller commits.
 
+    Without ``manifest`` the folder's manifest is read and its weights checked; a caller that
+    already loaded the model through a backend (which verifies the hash) passes its manifest.
     A folder whose weights are already registered returns the existing row unchanged and
-    records nothing, so registering twice is harmless. The caller commits.
+    records nothing, so registering twice is harmless.
     """
     model_dir = model_dir.expanduser().resolve()
-    manifest = load_manifest(model_dir)
-    verify_weights(model_dir, manifest)
+    if manifest is None:
+        manifest = load_manifest(model_dir)
+        verify_weights(model_dir, manifest)
     existing = session.scalar(
         select(ModelVersion).where(ModelVersion.weights_sha256 == manifest.weights_sha256)
     )
@@ -232,3 +256,54 @@ def promote_model(session: Session, ref: str, actor: str) -> Promotion:
     audit.record(session, audit.MODEL_PROMOTED, actor, details={"old": old_desc, "new": new_desc})
     log.info("promoted model %s %s (sha256 %s)", target.name, target.version, target.weights_sha256[:12])
     return Promotion(old=old_desc, new=new_desc, changed=True)
+
+
+def ensure_registered(
+    sessions: sessionmaker[Session], manifest: ModelManifest, model_dir: Path, *, actor: str
+) -> int:
+    """The ``model_versions`` row ID of ``manifest``'s weights, registering it (committed) if unknown.
+
+    Two nodes sharing a database may register the same weights at once; the loser of the race
+    reads the winner's row.
+    """
+    with sessions() as session:
+        try:
+            row, _ = register_model(session, model_dir, actor, manifest=manifest)
+            session.commit()
+            return row.id
+        except IntegrityError:
+            session.rollback()
+            row_id = session.scalar(
+                select(ModelVersion.id).where(ModelVersion.weights_sha256 == manifest.weights_sha256)
+            )
+            if row_id is None:
+                raise
+            return row_id
+
+
+def select_model_dir(config: NodeConfig, session: Session) -> Path:
+    """The model folder to serve: the configured one, the promoted one, or the bundled demo."""
+    if config.model_dir is not None:
+        return resolve_model_dir(config.model_dir)
+    active = active_model_version(session)
+    return resolve_model_dir(Path(active.path) if active is not None else None)
+
+
+def pipeline_factory(config: NodeConfig) -> PipelineFactory:
+    """The default factory: ``config.backend`` (auto, torch, onnxruntime, tensorrt) on ``config.device``
+    for the model folder, with DALI preprocessing when ``config.preprocessing`` says so."""
+
+    def build(model_dir: Path) -> Pipeline:
+        from inference import load_backend
+
+        backend = load_backend(config.backend, model_dir, device=config.device)
+        dali = None
+        if config.preprocessing == "dali":
+            from inference import DaliPreprocessor
+
+            device_id = None if config.device == "cpu" else int(config.device.partition(":")[2] or "0")
+            preprocess = backend.manifest.preprocess
+            dali = DaliPreprocessor(preprocess, device_id=device_id, batch_size=config.batch_size)
+        return Pipeline(backend, batch_size=config.batch_size, dali=dali)
+
+    return build

@@ -13,7 +13,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import Instance, Job, OutputObject, Score, Study, Transmission
-from node.db.states import JobState, TransmissionState
+from node.db.repository import latest_done_job
+from node.db.states import TransmissionState
 
 DELIVERY_STATES = (
     TransmissionState.SENT,
@@ -39,12 +40,7 @@ def recent_studies(sessions: sessionmaker[Session], limit: int = 20) -> list[dic
                 bool(s)
                 for s in session.scalars(select(Instance.scorable).where(Instance.study_id == study.id))
             )
-            job = session.scalars(
-                select(Job)
-                .where(Job.study_id == study.id, Job.state == JobState.DONE)
-                .order_by(Job.version.desc())
-                .limit(1)
-            ).first()
+            job = latest_done_job(session, study.id)
             scores = list(session.scalars(select(Score).where(Score.job_id == job.id))) if job else []
             exam = next((s for s in scores if s.level == "exam"), None)
             delivery = {str(s): 0 for s in DELIVERY_STATES}

@@ -1,0 +1,1 @@
+"""Administration: the queue (retry, drop), the studies overview and the models (registry, promotion)."""

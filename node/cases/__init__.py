@@ -1,0 +1,1 @@
+"""The node's own cases: de-identified export and retraining on them."""
