@@ -165,6 +165,12 @@ class NodeConfig:
     preprocessing: Preprocessing = Preprocessing.CPU
     """``cpu`` (pydicom + OpenCV) or ``dali`` (DALI on ``device``; CPU mode without a GPU)."""
     batch_size: int = 8
+    cam_opacity_follows_probability: bool = False
+    """Off: every CAM capture shows its map at the same opacity (its colour scale says what the
+    colours mean); on: a low-probability image's map fades out."""
+    write_presentation_states: bool = False
+    """Also send a Grayscale Softcopy Presentation State per source image with the marks and the
+    notice, for viewers that show neither CAD SR nor colour captures."""
     max_pdu: int = 1_048_576
     max_associations: int = 10
     """Associations served at once; one more is rejected (A-ASSOCIATE-RJ, transient)."""
@@ -277,6 +283,8 @@ def _coerce(name: str, value: Any, *, from_env: bool) -> Any:
             return float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{what} must be a number, got {value!r}") from None
+    if name in BOOLEAN_SETTINGS:
+        return _boolean(value, what)
     if name == "model_dir":
         return Path(str(value)).expanduser() if str(value) else None
     if name == "data_dir":
@@ -294,6 +302,20 @@ def _coerce(name: str, value: Any, *, from_env: bool) -> Any:
             raise ConfigError("destinations must be [[destinations]] tables with ae_title, host, port")
         return tuple(Destination.from_mapping(v) for v in value)
     return str(value)
+
+
+BOOLEAN_SETTINGS = ("cam_opacity_follows_probability", "write_presentation_states")
+
+
+def _boolean(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{what} must be true or false, got {value!r}")
 
 
 def _split(value: Any) -> list[str]:

@@ -85,6 +85,11 @@ def test_a_bad_word_in_the_file_names_the_setting(
             "trt",
             "MAMMONODE_BACKEND must be one of auto, torch, onnxruntime, tensorrt, not 'trt'",
         ),
+        (
+            "MAMMONODE_WRITE_PRESENTATION_STATES",
+            "maybe",
+            "MAMMONODE_WRITE_PRESENTATION_STATES must be true or false, got 'maybe'",
+        ),
     ],
 )
 def test_a_bad_environment_value_names_the_variable(variable: str, value: str, message: str) -> None:
@@ -100,3 +105,12 @@ def test_environment_words_become_members() -> None:
     )
     assert config.backend is InferenceBackend.ONNXRUNTIME
     assert config.unknown_sop_classes is UnknownSopClasses.REJECT
+
+
+def test_output_switches_from_file_and_environment(tmp_path: Path) -> None:
+    path = tmp_path / "mammonode.toml"
+    path.write_text("cam_opacity_follows_probability = true\n", encoding="utf-8")
+    config = load_config(path, environ={"MAMMONODE_WRITE_PRESENTATION_STATES": "yes"})
+    assert config.cam_opacity_follows_probability is True
+    assert config.write_presentation_states is True
+    assert load_config(environ={}).write_presentation_states is False
