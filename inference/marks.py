@@ -69,18 +69,18 @@ def _content(grid: np.ndarray, transform: GeometricTransform) -> np.ndarray:
 
 
 def _outline(region: np.ndarray, transform: GeometricTransform) -> tuple[Point, ...]:
-    contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    contour = max(contours, key=cv2.contourArea)
+    """The convex hull of the region's cells (their corners, so a one-cell region is a square):
+    never self-crossing, and it encloses every cell of the region."""
+    ys, xs = np.nonzero(region)
+    corners = np.concatenate([np.stack([xs + dx, ys + dy], axis=1) for dx in (0, 1) for dy in (0, 1)]).astype(
+        np.float32
+    )
+    hull = cv2.convexHull(corners)[:, 0, :]
     epsilon = 0.5
-    while len(contour) > MAX_OUTLINE_POINTS:
-        contour = cv2.approxPolyDP(contour, epsilon, closed=True)
+    while len(hull) > MAX_OUTLINE_POINTS:
+        hull = cv2.approxPolyDP(hull, epsilon, closed=True)[:, 0, :]
         epsilon *= 2
-    # Contour points are pixel indices on the grid; their centres are at +0.5.
-    points = [grid_to_source(float(p[0][0]) + 0.5, float(p[0][1]) + 0.5, transform) for p in contour]
-    if len(points) < 3:  # a one- or two-cell region: its cell's corners instead
-        x, y = float(contour[0][0][0]), float(contour[0][0][1])
-        corners = ((x, y), (x + 1, y), (x + 1, y + 1), (x, y + 1))
-        points = [grid_to_source(cx, cy, transform) for cx, cy in corners]
+    points = [grid_to_source(float(x), float(y), transform) for x, y in hull]
     return (*points, points[0])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -50,6 +51,9 @@ def test_the_center_is_the_cam_peak_on_the_source(flipped: bool) -> None:
     assert mark.outline[0] == mark.outline[-1] and len(mark.outline) >= 4
     assert min(xs) <= mark.center[0] <= max(xs) and min(ys) <= mark.center[1] <= max(ys)
     assert all(300 <= x <= 2700 and 100 <= y <= 4300 for x, y in mark.outline)
+    polygon = np.array(mark.outline[:-1], np.float32)
+    assert cv2.isContourConvex(polygon)  # never self-crossing
+    assert cv2.pointPolygonTest(polygon, mark.center, measureDist=False) >= 0
 
 
 def test_two_regions_strongest_first_and_weak_ones_dropped() -> None:
