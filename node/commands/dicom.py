@@ -1,5 +1,6 @@
 """`mammonode echo HOST PORT` and `mammonode send PATH... --to AE@HOST:PORT`: the node's SCU
-from the command line, to check a peer and to push files (or a whole folder) to it."""
+from the command line, to check a peer and to push files (or a whole folder) to it; ``--to
+stow:URL`` sends them by DICOMweb STOW-RS instead (node.dicom.stow)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def _quiet_pynetdicom() -> None:
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
         logging.getLogger("node.dicom.sender").setLevel(logging.ERROR)
+        logging.getLogger("node.dicom.stow").setLevel(logging.ERROR)
 
 
 def _calling_ae(aet: str | None, config: Path | None) -> str:
@@ -67,7 +69,9 @@ def echo_command(
 
 def send_command(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched recursively).")],
-    to: Annotated[str, typer.Option("--to", help="Destination as AE@HOST:PORT.")],
+    to: Annotated[
+        str, typer.Option("--to", help="Destination as AE@HOST:PORT, or stow:URL for DICOMweb STOW-RS.")
+    ],
     aet: AetOption = None,
     config: ConfigOption = None,
 ) -> None:

@@ -1,5 +1,9 @@
 """C-STORE and C-ECHO SCU: `mammonode send` / `echo`, and the outbox sender of `mammonode serve`.
 
+A DICOMweb destination (``stow:URL``) is sent to by STOW-RS instead (:mod:`node.dicom.stow`),
+through the same outbox pass, backoff, dead letters and audit; its HTTP answers map onto the rules
+below as that module's docstring tabulates.
+
 Each file is sent in its own transfer syntax (a J2K file stays J2K); a presentation context is
 proposed per SOP class and syntax, and an uncompressed file also offers Explicit and Implicit VR
 Little Endian in a second context, which pynetdicom converts to if the peer refuses the file's
@@ -37,6 +41,8 @@ from node import audit
 from node.config import ConfigError, Destination, NodeConfig
 from node.db.models import Job, OutputObject, Study, Transmission, as_utc, utcnow
 from node.db.states import TRANSMISSION_DUE, TransmissionState, check_transition
+from node.dicom import stow
+from node.dicom.outcome import SUCCESS_NAME, SendOutcome
 from node.dicom.status import RejectResult, is_success, is_transient_failure, status_name
 
 log = logging.getLogger(__name__)
@@ -52,22 +58,6 @@ CONNECTION_TIMEOUT = 15.0
 MAX_PDU = 1_048_576
 DUE_BATCH = 500
 """Transmissions handled per pass at most, so one pass stays bounded."""
-SUCCESS_NAME = "SUCCESS"
-
-
-@dataclass(frozen=True)
-class SendOutcome:
-    """What happened to one file: the peer's status (None if no C-STORE response) and whether a
-    failure is permanent (a resend would fail the same way)."""
-
-    path: Path
-    status: int | None
-    detail: str
-    permanent: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.status is not None and is_success(self.status)
 
 
 @dataclass(frozen=True)
@@ -173,7 +163,10 @@ def store_files(
     paths: Iterable[Path], destination: Destination, calling_ae: str, *, max_pdu: int = MAX_PDU
 ) -> list[SendOutcome]:
     """C-STORE ``paths`` to ``destination``, one association (per 120 contexts); one outcome per
-    path, in order. Unreadable and non-DICOM files fail permanently without stopping the rest."""
+    path, in order. Unreadable and non-DICOM files fail permanently without stopping the rest.
+    A DICOMweb destination gets them by STOW-RS instead (:func:`node.dicom.stow.store_instances`)."""
+    if destination.stow is not None:
+        return stow.store_instances([Path(p) for p in paths], destination.stow)
     outcomes: dict[Path, SendOutcome] = {}
     order: list[Path] = []
     files: list[_File] = []
@@ -305,12 +298,21 @@ def _due(session: Session, now: dt.datetime) -> list[_Due]:
 def _send_to(config: NodeConfig, destination_text: str, items: list[_Due]) -> list[SendOutcome]:
     paths = [config.outbox_dir / item.outbox_path for item in items]
     try:
-        destination = Destination.parse(destination_text)
+        destination = _destination(config, destination_text)
     except ConfigError as exc:
         return [SendOutcome(p, None, f"invalid destination: {exc}", permanent=True) for p in paths]
     present = [p for p in paths if p.is_file()]
     sent = {o.path: o for o in store_files(present, destination, config.ae_title, max_pdu=config.max_pdu)}
     return [sent.get(p) or SendOutcome(p, None, "outbox file is missing", permanent=True) for p in paths]
+
+
+def _destination(config: NodeConfig, text: str) -> Destination:
+    """The configured destination an outbox row names (a DICOMweb one carries its auth and timeout),
+    else the row's own text parsed: a destination removed from the config still gets its rows."""
+    for destination in config.destinations:
+        if str(destination) == text:
+            return destination
+    return Destination.parse(text)
 
 
 def _apply(session: Session, config: NodeConfig, item: _Due, outcome: SendOutcome, now: dt.datetime) -> None:

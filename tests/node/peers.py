@@ -23,6 +23,7 @@ Typical end-to-end use (``orthanc`` is the fixture of the same name in conftest.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import logging
@@ -55,6 +56,8 @@ VERIFICATION = "1.2.840.10008.1.1"
 """The Verification SOP class (C-ECHO)."""
 ORTHANC_FALLBACK_BINARY = "/usr/sbin/Orthanc"
 """Debian installs Orthanc in /usr/sbin, which is not on every user's PATH."""
+DICOMWEB_PACKAGE = "orthanc-dicomweb"
+DICOMWEB_ROOT = "/dicom-web"
 
 Modality = tuple[str, str, int]
 """An Orthanc ``DicomModalities`` entry: (AE title, host, port)."""
@@ -89,6 +92,20 @@ def orthanc_binary() -> str | None:
     return ORTHANC_FALLBACK_BINARY if os.access(ORTHANC_FALLBACK_BINARY, os.X_OK) else None
 
 
+def dicomweb_plugin() -> str | None:
+    """The DICOMweb plugin's shared library (``dpkg -L orthanc-dicomweb``: the ``.so`` in Orthanc's
+    plugin folder); None when the Debian package is not installed."""
+    if shutil.which("dpkg") is None:
+        return None
+    listing = subprocess.run(
+        ["dpkg", "-L", DICOMWEB_PACKAGE], capture_output=True, text=True, timeout=30, check=False
+    )
+    if listing.returncode != 0:
+        return None
+    libraries = [line for line in listing.stdout.splitlines() if line.endswith(".so") and "/plugins/" in line]
+    return libraries[0] if libraries else None
+
+
 class OrthancError(RuntimeError):
     """Orthanc did not start, or its REST API answered a request with an error."""
 
@@ -106,6 +123,10 @@ class Orthanc:
     :meth:`stop` (clean) or :meth:`kill` (crash), then :meth:`start`, restarts it on the same ports
     with the same stored instances (the "destination down" scenario). Use as a context manager or
     through the ``orthanc`` fixture, which kills it at teardown.
+
+    ``dicomweb`` loads Debian's DICOMweb plugin (STOW-RS, QIDO-RS, WADO-RS at :attr:`dicomweb_url`).
+    ``users`` (name -> password) turns HTTP basic authentication on for the REST API and DICOMweb;
+    this object's own REST calls then log in as the first user.
     """
 
     def __init__(
@@ -119,6 +140,8 @@ class Orthanc:
         dicom_port: int | None = None,
         binary: str | None = None,
         startup_timeout: float = 30.0,
+        dicomweb: bool = False,
+        users: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.modalities: dict[str, Modality] = dict(modalities or {})
@@ -129,6 +152,8 @@ class Orthanc:
         self.dicom_port = dicom_port or free_port()
         self.binary = binary or orthanc_binary()
         self.startup_timeout = startup_timeout
+        self.dicomweb = dicomweb
+        self.users: dict[str, str] = dict(users or {})
         self.config_path = self.workdir / "orthanc.json"
         self.log_path = self.workdir / "orthanc.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -144,6 +169,16 @@ class Orthanc:
     def destination(self) -> str:
         """This Orthanc as the node's ``AE@HOST:PORT`` destination (``MAMMONODE_DESTINATIONS``)."""
         return f"{self.aet}@{LOOPBACK}:{self.dicom_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """Base URL of the DICOMweb service (with ``dicomweb=True``), e.g. for STOW-RS."""
+        return f"{self.url}{DICOMWEB_ROOT}"
+
+    @property
+    def stow_destination(self) -> str:
+        """This Orthanc as the node's DICOMweb destination (``stow:URL``), without credentials."""
+        return f"stow:{self.dicomweb_url}"
 
     @property
     def running(self) -> bool:
@@ -177,7 +212,19 @@ class Orthanc:
             "WebDavEnabled": False,
             "StorageCompression": False,
             "OverwriteInstances": False,
+            **self._dicomweb_config(),
+            **({"AuthenticationEnabled": True, "RegisteredUsers": self.users} if self.users else {}),
         }
+
+    def _dicomweb_config(self) -> dict[str, Any]:
+        if not self.dicomweb:
+            return {}
+        plugin = dicomweb_plugin()
+        if plugin is None:
+            raise OrthancError(
+                f"the DICOMweb plugin is not installed (.ci/setup installs {DICOMWEB_PACKAGE})"
+            )
+        return {"Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": f"{DICOMWEB_ROOT}/"}}
 
     def write_config(self) -> Path:
         """Write :meth:`config` as JSON to ``workdir/orthanc.json`` and return its path."""
@@ -285,6 +332,10 @@ class Orthanc:
     ) -> bytes:
         """One REST call; the raw response body. HTTP errors raise OrthancError with Orthanc's text."""
         req = urllib.request.Request(self.url + path, data=body, method=method)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+            req.add_header("Authorization", f"Basic {token}")
         if body is not None:
             req.add_header("Content-Type", content_type)
         try:

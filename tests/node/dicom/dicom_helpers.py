@@ -3,7 +3,9 @@ what a test builds (even malformed), and readers for the rows and audit events t
 
 from __future__ import annotations
 
+import datetime as dt
 import io
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from inference.uids import derive_uid
 from node.config import NodeConfig
-from node.db.models import AuditEvent, Instance
+from node.db.models import AuditEvent, Instance, Job, OutputObject, Study, Transmission
 
 SIZE = (256, 192)
 MODALITY_AE = "MODALITY"
@@ -130,3 +132,54 @@ def events(sessions: sessionmaker[Session], event: str | None = None) -> list[Au
         if event is not None:
             stmt = stmt.where(AuditEvent.event == event)
         return list(session.scalars(stmt))
+
+
+# -- the outbox, as the worker fills it ----------------------------------------------------------
+
+
+def add_output(
+    sessions: sessionmaker[Session],
+    config: NodeConfig,
+    source: Path,
+    destination: str,
+    *,
+    now: dt.datetime,
+    created_at: dt.datetime | None = None,
+) -> int:
+    """Put ``source`` in the outbox with one pending transmission, as the worker does; its id."""
+    ds = load(source)
+    rel = f"{STUDY}/{ds.SOPInstanceUID}.dcm"
+    (config.outbox_dir / STUDY).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, config.outbox_dir / rel)
+    with sessions() as session:
+        study = session.scalars(select(Study).where(Study.study_uid == STUDY)).one_or_none()
+        if study is None:
+            study = Study(study_uid=STUDY, patient_id=PATIENT, state="scored", scored_version=1)
+            session.add(study)
+            session.flush()
+        job = Job(study_id=study.id, version=len(study.jobs) + 1, lateralities="LR", state="done")
+        output = OutputObject(
+            kind="SC", sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, outbox_path=rel
+        )
+        session.add(job)
+        session.flush()
+        output.job_id = job.id
+        session.add(output)
+        session.flush()
+        tx = Transmission(
+            output_id=output.id,
+            destination=destination,
+            state="pending",
+            next_attempt_at=now,
+            created_at=created_at or now,
+        )
+        session.add(tx)
+        session.commit()
+        return tx.id
+
+
+def transmission(sessions: sessionmaker[Session], tx_id: int) -> Transmission:
+    with sessions() as session:
+        row = session.get(Transmission, tx_id)
+        assert row is not None
+        return row

@@ -4,22 +4,31 @@ the dead-letter state, and transfer-syntax negotiation."""
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from dicom_helpers import MG_FOR_PRESENTATION, NODE_AE, PATIENT, STUDY, NodeFactory, events, load, mammogram
+from dicom_helpers import (
+    MG_FOR_PRESENTATION,
+    NODE_AE,
+    PATIENT,
+    STUDY,
+    NodeFactory,
+    add_output,
+    events,
+    load,
+    mammogram,
+    transmission,
+)
 from peers import LOOPBACK, free_port, storage_scp
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom import AE, evt
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node import audit
 from node.config import AllowedPeer, Destination, NodeConfig
-from node.db.models import Job, OutputObject, Study, Transmission, as_utc, utcnow
+from node.db.models import as_utc, utcnow
 from node.dicom.sender import backoff_seconds, deliver_due, echo, send_files, store_files
 from node.dicom.status import DimseStatus
 
@@ -35,54 +44,6 @@ def config(tmp_path: Path) -> NodeConfig:
         retry_max_seconds=100.0,
         retry_max_age_hours=6.0,
     )
-
-
-def add_output(
-    sessions: sessionmaker[Session],
-    config: NodeConfig,
-    source: Path,
-    destination: str,
-    *,
-    now: dt.datetime,
-    created_at: dt.datetime | None = None,
-) -> int:
-    """Put ``source`` in the outbox with one pending transmission, as the worker does; its id."""
-    ds = load(source)
-    rel = f"{STUDY}/{ds.SOPInstanceUID}.dcm"
-    (config.outbox_dir / STUDY).mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, config.outbox_dir / rel)
-    with sessions() as session:
-        study = session.scalars(select(Study).where(Study.study_uid == STUDY)).one_or_none()
-        if study is None:
-            study = Study(study_uid=STUDY, patient_id=PATIENT, state="scored", scored_version=1)
-            session.add(study)
-            session.flush()
-        job = Job(study_id=study.id, version=len(study.jobs) + 1, lateralities="LR", state="done")
-        output = OutputObject(
-            kind="SC", sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, outbox_path=rel
-        )
-        session.add(job)
-        session.flush()
-        output.job_id = job.id
-        session.add(output)
-        session.flush()
-        tx = Transmission(
-            output_id=output.id,
-            destination=destination,
-            state="pending",
-            next_attempt_at=now,
-            created_at=created_at or now,
-        )
-        session.add(tx)
-        session.commit()
-        return tx.id
-
-
-def transmission(sessions: sessionmaker[Session], tx_id: int) -> Transmission:
-    with sessions() as session:
-        row = session.get(Transmission, tx_id)
-        assert row is not None
-        return row
 
 
 @contextmanager
