@@ -366,11 +366,29 @@ def is_mammogram(ds: Dataset, meta: ImageMeta) -> tuple[bool, str]:
         return False, f"SOP class {sop_class} is not an image"
     if meta.modality != "MG":
         return False, f"modality {meta.modality} is not mammography"
+    if _is_processing_result(ds):
+        # A CAM capture (MammoNode's own, which says Modality MG so hanging protocols place it,
+        # or another CAD's): scoring it would score a picture of a result, and a PACS routing
+        # MG back to the node would loop.
+        return False, "derived image made by image processing of another image, not a mammogram"
     frames = optional_int(ds, "NumberOfFrames") or 1
     if frames > 1:
         return False, f"multi-frame object ({frames} frames) is not a 2-D mammogram"
     kind = "secondary capture" if sop_class.startswith(SECONDARY_CAPTURE_PREFIX) else "image"
     return True, f"{kind} (SOP class {sop_class}) with modality MG"
+
+
+_PROCESSING_SOURCE = "121322"  # DCM "Source image for image processing operation"
+
+
+def _is_processing_result(ds: Dataset) -> bool:
+    """Whether the image references a source image as the input of an image processing operation
+    (how a CAM capture names the mammogram it was computed from)."""
+    for item in _sequence_items(ds, "SourceImageSequence"):
+        for purpose in _sequence_items(item, "PurposeOfReferenceCodeSequence"):
+            if optional_text(purpose, "CodeValue") == _PROCESSING_SOURCE:
+                return True
+    return False
 
 
 def _required_uid(ds: Dataset, keyword: str, tag: str) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -20,25 +20,58 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from inference.cam import cam_to_original
-from inference.overlay import render_cam_overlay
+from inference.manifest import ModelManifest
+from inference.marks import CamMark
+from inference.overlay import DEFAULT_LEGEND, ChestWall, render_cam_overlay
 from inference.types import AlgorithmInfo, ImageFailure, ImageScore, StudyScore
 from inference.writers.sc import build_cam_sc
-from inference.writers.sr import build_score_sr
+from inference.writers.sr import CaptureReference, build_score_sr
 
 DISPLAY_MAX = 2048
 """Longest side of the display copy kept of each source: the CAM capture is drawn at most this
 large, so a decoded 4700x2900 mammogram (54 MB as float32) need not travel between processes."""
 
 
-def display_image(windowed: np.ndarray) -> np.ndarray:
-    """The windowed source shrunk by the smallest integer factor that fits :data:`DISPLAY_MAX`
-    (area averaging), as float32; an image that fits already is returned as is."""
-    image = np.asarray(windowed, dtype=np.float32)
-    factor = math.ceil(max(image.shape[:2]) / DISPLAY_MAX)
+def display_factor(rows: int, columns: int) -> int:
+    """The smallest integer factor that brings the longest side to :data:`DISPLAY_MAX` or below
+    (1: the image is kept as it is)."""
+    return max(1, math.ceil(max(rows, columns) / DISPLAY_MAX))
+
+
+def shrink(image: np.ndarray, factor: int) -> np.ndarray:
+    """Average ``factor`` x ``factor`` blocks: ``(rows // factor, columns // factor)`` as float32.
+
+    The last ``rows % factor`` rows and ``columns % factor`` columns (fewer than ``factor``
+    source pixels, at the bottom and right edges) are left out rather than stretched in, so output
+    pixel ``(i, j)`` covers exactly source pixels ``[i f, (i + 1) f) x [j f, (j + 1) f)`` and the
+    pixel spacing of the result is exactly ``factor`` times the source's. A side shorter than
+    ``factor`` becomes one pixel (and is then not an exact downscale; callers check the shape).
+    """
+    arr = np.asarray(image, dtype=np.float32)
     if factor <= 1:
-        return image
-    h, w = max(1, image.shape[0] // factor), max(1, image.shape[1] // factor)
-    return np.asarray(cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA), dtype=np.float32)
+        return arr
+    h, w = max(1, arr.shape[0] // factor), max(1, arr.shape[1] // factor)
+    block = arr[: h * factor, : w * factor]
+    return np.asarray(cv2.resize(block, (w, h), interpolation=cv2.INTER_AREA), dtype=np.float32)
+
+
+def display_image(windowed: np.ndarray) -> np.ndarray:
+    """The windowed source shrunk by :func:`display_factor` (:func:`shrink`: exact block averages),
+    as float32; an image that fits already is returned as is."""
+    image = np.asarray(windowed, dtype=np.float32)
+    return shrink(image, display_factor(image.shape[0], image.shape[1]))
+
+
+def exact_display_factor(rows: int, columns: int, display_shape: tuple[int, ...]) -> int | None:
+    """The factor by which ``display_shape`` is an exact integer downscale of a ``rows`` x
+    ``columns`` source (as :func:`display_image` makes it), or ``None`` when it is not one (an
+    unknown source size, a colour source shown on the model grid, a side shorter than the factor)."""
+    if rows <= 0 or columns <= 0:
+        return None
+    factor = display_factor(rows, columns)
+    if rows < factor or columns < factor:
+        return None
+    return factor if tuple(display_shape[:2]) == (rows // factor, columns // factor) else None
 
 
 @dataclass(frozen=True)
@@ -76,6 +109,48 @@ class CaptureTask:
     instance_number: int
     keep_picture: bool = False
     """Return the rendered RGB picture too (the offline tool writes it as PNG)."""
+    display_factor: int | None = None
+    """``display`` is the source shrunk by exactly this integer factor (:func:`shrink`), so the
+    capture gets the source's pixel spacing times it; ``None``: the geometry is not the source's
+    and the capture claims no spacing."""
+    opacity_follows_probability: bool = False
+    """Fade the map by the image's probability (setting ``cam_opacity_follows_probability``);
+    by default every map is drawn at the same opacity and its colour scale says what it means."""
+
+
+def capture_captions(study: StudyScore, image: ImageScore, manifest: ModelManifest) -> tuple[str, ...]:
+    """The CAM capture's caption: the image's score, then its breast's decision stated outright
+    (``L breast P 0.73 < threshold 0.77: no recall``) so an image above the threshold in a breast
+    below it cannot read as a recall, then the model."""
+    side = image.meta.laterality if image.meta.laterality in ("L", "R") else "unknown-side"
+    breast_p = next(
+        (b.probability for b in study.breasts if image.meta.sop_instance_uid in b.image_probabilities),
+        float("nan"),
+    )
+    if np.isfinite(breast_p):
+        recall = breast_p >= study.threshold
+        shown_p, shown_t = distinct_decimals(breast_p, study.threshold)
+        decision = (
+            f"{side} breast P {shown_p} {'>=' if recall else '<'} threshold {shown_t}: "
+            f"{'RECALL' if recall else 'no recall'}"
+        )
+    else:
+        decision = f"{side} breast P n/a (threshold {study.threshold:.2f})"
+    return (
+        f"{side} {image.meta.view}  image P {image.probability:.2f}",
+        decision,
+        f"{manifest.name} {manifest.version} ({manifest.architecture}) sha256 {manifest.weights_sha256[:12]}",
+    )
+
+
+def distinct_decimals(value: float, threshold: float) -> tuple[str, str]:
+    """``value`` and ``threshold`` with two decimals, or as many more (up to six) as it takes for
+    unequal numbers not to print alike (``0.7699 < 0.7700``, never ``0.77 < 0.77``)."""
+    for decimals in range(2, 7):
+        shown = f"{value:.{decimals}f}", f"{threshold:.{decimals}f}"
+        if shown[0] != shown[1] or value == threshold:
+            return shown
+    return f"{value:.6f}", f"{threshold:.6f}"
 
 
 @dataclass(frozen=True)
@@ -87,19 +162,44 @@ class Capture:
     picture: np.ndarray | None = None
 
 
+def chest_wall_side(source: Dataset) -> ChestWall | None:
+    """The image side the breast lies against, from Patient Orientation's row direction: rows that
+    run towards anterior (``A...``) start at the chest wall on the left, ``P...`` on the right."""
+    value = source.get("PatientOrientation")
+    values = [value] if isinstance(value, str) else list(value or [])
+    first = str(values[0]).strip().upper() if len(values) == 2 else ""
+    if first.startswith("A"):
+        return "left"
+    if first.startswith("P"):
+        return "right"
+    return None
+
+
+def _display_cam(task: CaptureTask) -> np.ndarray:
+    """The thresholded CAM on the display image's pixel grid."""
+    image = task.score
+    cam_map = cam_to_original(image.cam, image.transform, thresholded=True)
+    h, w = task.display.shape[:2]
+    if task.display_factor is not None:
+        cam_map = shrink(cam_map, task.display_factor)
+    if cam_map.shape != (h, w):
+        cam_map = cv2.resize(cam_map.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+    return cam_map
+
+
 def render_capture(task: CaptureTask) -> Capture:
     """Draw the thresholded CAM over the display image and encode it as an RLE secondary capture."""
     image = task.score
-    cam_map = cam_to_original(image.cam, image.transform, thresholded=True)
-    if cam_map.shape != task.display.shape[:2]:
-        h, w = task.display.shape[:2]
-        cam_map = cv2.resize(cam_map.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+    fade = task.opacity_follows_probability
+    legend = DEFAULT_LEGEND + (f". Opacity x image P {image.probability:.2f}" if fade else "")
     rgb = render_cam_overlay(
         task.display,
-        cam_map,
+        _display_cam(task),
         notice=task.algorithm.notice,
         caption_lines=list(task.captions),
-        strength=image.probability,
+        legend=legend,
+        strength=image.probability if fade else 1.0,
+        chest_wall=chest_wall_side(task.source),
     )
     sc = build_cam_sc(
         task.source,
@@ -110,6 +210,9 @@ def render_capture(task: CaptureTask) -> Capture:
         series_number=task.series_number,
         instance_number=task.instance_number,
         probability=image.probability,
+        display_factor=task.display_factor,
+        laterality=image.meta.laterality,
+        view=image.meta.view,
     )
     return Capture(image.meta.sop_instance_uid, encode(sc), rgb if task.keep_picture else None)
 
@@ -129,6 +232,12 @@ class ReportTask:
     not_analysed: tuple[ImageFailure, ...] = ()
     missing_views: tuple[str, ...] = ()
     captures_missing: tuple[ImageFailure, ...] = ()
+    marks: Mapping[str, tuple[CamMark, ...]] = field(default_factory=dict)
+    """The CAM marks of each scored image (:func:`inference.marks.cam_marks`), by SOP Instance UID:
+    where the report's image regions go."""
+    captures: Mapping[str, CaptureReference] = field(default_factory=dict)
+    """The CAM capture made of each scored image, by source SOP Instance UID: the report
+    references them (images whose capture failed are absent)."""
 
 
 def render_report(task: ReportTask) -> EncodedObject:
@@ -145,5 +254,7 @@ def render_report(task: ReportTask) -> EncodedObject:
         not_analysed=task.not_analysed,
         missing_views=task.missing_views,
         captures_missing=task.captures_missing,
+        marks=task.marks,
+        captures=task.captures,
     )
     return encode(report)

@@ -28,6 +28,8 @@ from pydicom.uid import RLELossless, SecondaryCaptureImageStorage
 
 from inference.dicom_header import read_dataset
 from inference.dicom_pixels import decode_pixels
+from inference.overlay import render_cam_overlay
+from inference.rendering import display_factor, display_image, exact_display_factor
 from inference.types import RESEARCH_NOTICE, AlgorithmInfo
 from inference.writers.sc import build_cam_sc, cam_sc_uids
 from training.synth import TRANSFER_SYNTAXES, make_dicom, write_dicom
@@ -108,8 +110,37 @@ def encode_cam_sc_in_child(path: Path, rows: int, cols: int) -> None:
         series_number=901,
         instance_number=1,
         probability=0.5,
+        display_factor=None,
     )
     sc.save_as(path, enforce_file_format=True)
+
+
+def render_cam_sc_in_child(path: Path, rows: int, cols: int) -> None:
+    """Child: the whole capture path at a source size -- display copy (exact integer shrink),
+    overlay with its corner panel, SC with the source geometry -- written with the picture as .npy."""
+    source = make_dx_mg("L", "CC")
+    source.Rows, source.Columns = rows, cols
+    image01 = grey_pixels(rows, cols, 14).astype(np.float32) / float((1 << 14) - 1)
+    display = display_image(image01)
+    factor = exact_display_factor(rows, cols, display.shape)
+    cam = np.zeros_like(display)
+    cam[display.shape[0] // 3 : display.shape[0] // 2, display.shape[1] // 3 : display.shape[1] // 2] = 1.0
+    picture = render_cam_overlay(display, cam, notice=RESEARCH_NOTICE, caption_lines=["L CC  image P 0.50"])
+    series_uid, sop_uid = cam_sc_uids(source.SOPInstanceUID, ALGORITHM, source.StudyInstanceUID)
+    sc = build_cam_sc(
+        source,
+        picture,
+        algorithm=ALGORITHM,
+        series_instance_uid=series_uid,
+        sop_instance_uid=sop_uid,
+        series_number=901,
+        instance_number=1,
+        probability=0.5,
+        display_factor=factor,
+        view="CC",
+    )
+    sc.save_as(path, enforce_file_format=True)
+    np.save(path.with_suffix(".npy"), picture)
 
 
 def run_in_child(target: Callable[..., object], *args: object) -> None:
@@ -147,6 +178,23 @@ def check_cam_sc(path: Path, rows: int, cols: int) -> None:
     np.testing.assert_array_equal(grey, luma.reshape(rows, cols))
 
 
+def check_rendered_cam_sc(path: Path, rows: int, cols: int) -> None:
+    """The rendered capture decodes to the picture bit for bit, on the source's grid shrunk by
+    the display factor, with the source's spacing times it."""
+    ds = read_dataset(path)
+    picture = np.load(path.with_suffix(".npy"))
+    factor = display_factor(rows, cols)
+    assert ds.file_meta.TransferSyntaxUID == RLELossless
+    assert picture.shape == (max(1, rows // factor), max(1, cols // factor), 3)
+    assert (ds.Rows, ds.Columns) == picture.shape[:2]
+    rgb = pixel_array(ds, decoding_plugin="pylibjpeg")
+    np.testing.assert_array_equal(rgb.reshape(picture.shape), picture)
+    if rows >= factor and cols >= factor:
+        assert [float(v) for v in ds.PixelSpacing] == pytest.approx([0.1 * factor] * 2)
+    else:
+        assert "PixelSpacing" not in ds
+
+
 def check_synth(out: Path, syntax: str, rows: int, cols: int, depths: tuple[int, ...] = SYNTH_BITS) -> None:
     for bits in depths:
         refused = refusal_file(out, syntax, bits)
@@ -180,6 +228,13 @@ def test_cam_capture_encodes_odd_sizes(size: tuple[int, int], tmp_path: Path) ->
     check_cam_sc(path, *size)
 
 
+@pytest.mark.parametrize("size", [*SMALL_SIZES, (1, 4097), (63, 65), (2049, 2049)], ids=_id)
+def test_rendered_cam_capture_encodes_odd_sizes(size: tuple[int, int], tmp_path: Path) -> None:
+    path = tmp_path / "cam.dcm"
+    run_in_child(render_cam_sc_in_child, path, *size)
+    check_rendered_cam_sc(path, *size)
+
+
 @pytest.mark.parametrize("syntax", sorted(TRANSFER_SYNTAXES))
 @pytest.mark.parametrize("size", SMALL_SIZES, ids=_id)
 def test_synth_syntax_encodes_odd_sizes(syntax: str, size: tuple[int, int], tmp_path: Path) -> None:
@@ -193,6 +248,14 @@ def test_cam_capture_encodes_real_sizes(size: tuple[int, int], tmp_path: Path) -
     path = tmp_path / "cam.dcm"
     run_in_child(encode_cam_sc_in_child, path, *size)
     check_cam_sc(path, *size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", BIG_SIZES, ids=_id)
+def test_rendered_cam_capture_encodes_real_sizes(size: tuple[int, int], tmp_path: Path) -> None:
+    path = tmp_path / "cam.dcm"
+    run_in_child(render_cam_sc_in_child, path, *size)
+    check_rendered_cam_sc(path, *size)
 
 
 @pytest.mark.slow
@@ -264,6 +327,7 @@ def test_cam_capture_names_its_rle_encoder(monkeypatch: pytest.MonkeyPatch) -> N
         series_number=901,
         instance_number=1,
         probability=0.5,
+        display_factor=None,
     )
     assert used == [sc_module.rle_encoder_plugin()]
     assert used[0] in sc_module.RLE_ENCODER_PLUGINS and "gdcm" not in sc_module.RLE_ENCODER_PLUGINS

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -24,6 +25,7 @@ from inference.overlay import render_cam_overlay
 from inference.types import RESEARCH_NOTICE, AlgorithmInfo, InputError
 from inference.uids import is_valid_uid
 from inference.writers.sc import SERIES_DESCRIPTION, build_cam_sc, cam_sc_uids
+from inference.writers.source_attributes import PATIENT_AND_STUDY_KEYWORDS
 
 SHA = "3f" * 32
 ALGORITHM = AlgorithmInfo(
@@ -42,11 +44,13 @@ def _overlay(source: Dataset) -> np.ndarray:
         image01,
         cam,
         notice=ALGORITHM.notice,
-        caption_lines=["MammoNode 0.1.0 efficientnet_b0", "P(malignancy) image 0.83  breast 0.91"],
+        caption_lines=["L CC  image P 0.83", "L breast P 0.91 >= threshold 0.50: RECALL"],
     )
 
 
-def _build(source: Dataset, overlay: np.ndarray) -> pydicom.Dataset:
+def _build(
+    source: Dataset, overlay: np.ndarray, *, display_factor: int | None = 1, **kwargs: Any
+) -> pydicom.Dataset:
     series_uid, sop_uid = cam_sc_uids(source.SOPInstanceUID, ALGORITHM, source.StudyInstanceUID)
     return build_cam_sc(
         source,
@@ -57,6 +61,8 @@ def _build(source: Dataset, overlay: np.ndarray) -> pydicom.Dataset:
         series_number=901,
         instance_number=1,
         probability=0.83,
+        display_factor=display_factor,
+        **kwargs,
     )
 
 
@@ -175,6 +181,7 @@ def test_bad_inputs_are_rejected() -> None:
         "series_number": 901,
         "instance_number": 1,
         "probability": 0.5,
+        "display_factor": 1,
     }
     with pytest.raises(ValueError, match="uint8"):
         build_cam_sc(
@@ -212,3 +219,198 @@ def test_every_safe_rle_encoder_gives_the_same_pixels(plugin: str, monkeypatch: 
     assert rebuilt.file_meta.TransferSyntaxUID == RLELossless
     assert rebuilt.PixelData == reference.PixelData
     assert rebuilt.SOPInstanceUID == reference.SOPInstanceUID
+
+
+# --------------------------------------------------------------------------------------------
+# Patient and study, view, geometry: what a hanging protocol and a ruler need
+# --------------------------------------------------------------------------------------------
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def _rich_source() -> Dataset:
+    """A DX mammogram whose Patient and Study modules carry much more than highdicom copies."""
+    src = make_dx_mg("L", "CC", index=3)
+    src.IssuerOfPatientID = "HOSP-A"
+    src.TypeOfPatientID = "TEXT"
+    other = Dataset()
+    other.PatientID = "NHS-123"
+    other.IssuerOfPatientID = "NHS"
+    other.TypeOfPatientID = "TEXT"
+    src.OtherPatientIDsSequence = [other]
+    src.PatientBirthTime = "081500"
+    src.PatientComments = "synthetic"
+    src.EthnicGroup = "X"
+    src.StudyDescription = "MG screening bilateral"
+    src.PhysiciansOfRecord = "Doe^Jane"
+    src.NameOfPhysiciansReadingStudy = "Roe^Richard"
+    src.ConsultingPhysicianName = "Poe^Ann"
+    issuer = Dataset()
+    issuer.LocalNamespaceEntityID = "RIS-1"
+    src.IssuerOfAccessionNumberSequence = [issuer]
+    src.ProcedureCodeSequence = [_code("24623002", "SCT", "Screening mammography")]
+    src.RequestingService = "Breast screening"
+    src.PatientAge = "054Y"
+    src.PatientSize = "1.65"
+    src.PatientWeight = "62"
+    src.AdditionalPatientHistory = "none"
+    src.AdmissionID = "ADM-9"
+    src.ClinicalTrialTimePointID = "T0"
+    return src
+
+
+def test_every_patient_and_study_attribute_of_the_source_is_copied(tmp_path: Path) -> None:
+    src = _rich_source()
+    path = tmp_path / "cam.dcm"
+    _build(src, _overlay(src)).save_as(path, enforce_file_format=True)
+    ds = pydicom.dcmread(path)
+    present = [k for k in PATIENT_AND_STUDY_KEYWORDS if k in src]
+    for keyword in ("IssuerOfPatientID", "OtherPatientIDsSequence", "StudyDescription", "PatientAge"):
+        assert keyword in present
+    assert len(present) >= 25
+    assert {k: ds[k].value for k in present} == {k: src[k].value for k in present}
+    assert ds.OtherPatientIDsSequence[0].PatientID == "NHS-123"
+    if shutil.which("dciodvfy"):
+        assert dciodvfy_errors(path) == []
+
+
+def test_patient_attributes_with_invalid_values_are_left_out() -> None:
+    src = _rich_source()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        src.PatientAge = "fifty-four"  # not an AS value
+    sc = _build(src, _overlay(src))
+    assert "PatientAge" not in sc
+    assert sc.IssuerOfPatientID == "HOSP-A"
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (("399162004", "SCT", "cranio-caudal"), ("399162004", "SCT", "cranio-caudal")),
+        (("R-10242", "SRT", "cranio-caudal"), ("399162004", "SCT", "cranio-caudal")),  # legacy -> SCT
+        (("X-1", "99LOCAL", "Cranio-caudal rolled"), ("X-1", "99LOCAL", "Cranio-caudal rolled")),
+    ],
+)
+def test_view_laterality_and_modality_from_a_dx_source_with_a_view_code(
+    code: tuple[str, str, str], expected: tuple[str, str, str]
+) -> None:
+    src = make_dx_mg("L", "CC")
+    view_item = _code(*code)
+    view_item.ViewModifierCodeSequence = [_code("399161006", "SCT", "Cleavage")]
+    src.ViewCodeSequence = [view_item]
+    del src.ViewPosition
+    sc = _build(src, _overlay(src))
+    assert sc.Modality == "MG"
+    assert sc.ImageLaterality == "L"
+    (item,) = sc.ViewCodeSequence
+    assert (item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning) == expected
+    # The SC's view macro wants content items as modifiers, not the mammography module's codes.
+    assert "ViewModifierCodeSequence" not in item
+
+
+@pytest.mark.parametrize(("view", "code"), [("MLO", "399368009"), ("XCCL", "399192008"), ("FB", "399196006")])
+def test_film_style_source_gets_its_view_from_the_callers_reading(view: str, code: str) -> None:
+    """CBIS-DDSM-like: a Secondary Capture with Modality MG, no ViewPosition, no view code; the
+    view is known only to the caller (read from free text into its ImageMeta)."""
+    src = make_sc_mg("R")
+    assert "ViewPosition" not in src and "ViewCodeSequence" not in src
+    sc = _build(src, _overlay(src), view=view, laterality="R")
+    assert sc.Modality == "MG"
+    assert sc.ImageLaterality == "R"
+    assert sc.ViewCodeSequence[0].CodeValue == code
+    assert sc.ViewCodeSequence[0].CodingSchemeDesignator == "SCT"
+    assert "Laterality" not in sc
+
+
+def test_an_unknown_view_is_left_out() -> None:
+    src = make_sc_mg("L")
+    for view in (None, "unknown", "AT"):
+        assert "ViewCodeSequence" not in _build(src, _overlay(src), view=view)
+
+
+def test_view_position_of_the_source_is_used_when_the_caller_gives_none() -> None:
+    src = make_dx_mg("R", "MLO")
+    assert _build(src, _overlay(src)).ViewCodeSequence[0].CodeValue == "399368009"
+
+
+def _sized(source: Dataset, rows: int, columns: int) -> Dataset:
+    """``source`` claiming another size (build_cam_sc reads the header only)."""
+    source.Rows, source.Columns = rows, columns
+    return source
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns", "factor"), [(4463, 2847, 3), (4672, 2632, 3), (2013, 1169, 1), (4097, 10, 3)]
+)
+def test_pixel_spacing_is_the_source_spacing_times_the_display_factor(
+    rows: int, columns: int, factor: int
+) -> None:
+    src = _sized(make_dx_mg("L", "CC"), rows, columns)  # ImagerPixelSpacing 0.1
+    overlay = np.zeros((rows // factor, columns // factor, 3), dtype=np.uint8)
+    sc = _build(src, overlay, display_factor=factor)
+    assert (sc.Rows, sc.Columns) == (rows // factor, columns // factor)
+    assert [float(v) for v in sc.PixelSpacing] == pytest.approx([0.1 * factor] * 2, abs=1e-12)
+    assert "PixelSpacingCalibrationType" not in sc  # detector-plane numbers: nothing was calibrated
+    assert "ImagerPixelSpacing" in sc.DerivationDescription and f"x {factor}" in sc.DerivationDescription
+
+
+def test_calibrated_pixel_spacing_is_preferred_and_keeps_its_calibration() -> None:
+    src = _sized(make_dx_mg("R", "CC"), 4096, 3328)
+    src.PixelSpacing = [0.0941, 0.0941]
+    src.PixelSpacingCalibrationType = "GEOMETRY"
+    src.PixelSpacingCalibrationDescription = "Magnification corrected"
+    sc = _build(src, np.zeros((2048, 1664, 3), dtype=np.uint8), display_factor=2)
+    assert [str(v) for v in sc.PixelSpacing] == ["0.1882", "0.1882"]
+    assert sc.PixelSpacingCalibrationType == "GEOMETRY"
+    assert "Magnification corrected" in sc.PixelSpacingCalibrationDescription
+
+
+def test_film_spacing_is_scaled_too() -> None:
+    src = _sized(make_sc_mg("L"), 4600, 2800)
+    src.NominalScannedPixelSpacing = [0.05, 0.05]
+    sc = _build(src, np.zeros((2300, 1400, 3), dtype=np.uint8), display_factor=2)
+    assert [float(v) for v in sc.NominalScannedPixelSpacing] == [0.1, 0.1]
+    assert "PixelSpacing" not in sc  # no patient or detector spacing was known
+
+
+def test_without_a_display_factor_no_geometry_is_claimed() -> None:
+    src = make_dx_mg("L", "CC")
+    sc = _build(src, np.zeros((100, 60, 3), dtype=np.uint8), display_factor=None)
+    assert "PixelSpacing" not in sc
+    assert sc.Rows == 100
+
+
+@pytest.mark.parametrize(("shape", "factor"), [((128, 96), 1), ((129, 96), 2), ((128, 96), 0)])
+def test_an_overlay_that_is_not_the_source_grid_is_refused(shape: tuple[int, int], factor: int) -> None:
+    src = make_dx_mg("L", "CC")  # 256 x 192
+    with pytest.raises(ValueError, match="display_factor"):
+        _build(src, np.zeros((*shape, 3), dtype=np.uint8), display_factor=factor)
+
+
+@pytest.mark.dcmtk
+@needs_dciodvfy
+@pytest.mark.parametrize("kind", ["dx-view-code", "film-view-from-meta", "calibrated"])
+def test_described_captures_pass_dciodvfy(kind: str, tmp_path: Path) -> None:
+    if kind == "dx-view-code":
+        src = make_dx_mg("L", "MLO")
+        view_item = _code("R-10226", "SRT", "medio-lateral oblique")
+        view_item.ViewModifierCodeSequence = [_code("399161006", "SCT", "Cleavage")]
+        src.ViewCodeSequence = [view_item]
+        sc = _build(_sized(src, 4463, 2847), np.zeros((1487, 949, 3), dtype=np.uint8), display_factor=3)
+    elif kind == "film-view-from-meta":
+        src = make_sc_mg("R")
+        sc = _build(src, _overlay(src), view="MLO", laterality="R")
+    else:
+        src = _sized(_rich_source(), 4096, 3328)
+        src.PixelSpacing = [0.0941, 0.0941]
+        src.PixelSpacingCalibrationType = "GEOMETRY"
+        src.PixelSpacingCalibrationDescription = "Magnification corrected"
+        sc = _build(src, np.zeros((2048, 1664, 3), dtype=np.uint8), display_factor=2)
+    path = tmp_path / "cam.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
