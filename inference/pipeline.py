@@ -14,18 +14,22 @@ images are missing and why (design invariants 8 and 9).
 
 from __future__ import annotations
 
+import io
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
 
 from inference.aggregation import AGGREGATIONS, aggregate_studies
 from inference.backends.base import Backend
 from inference.dicom_pixels import decode_pixels
 from inference.manifest import algorithm_info
+from inference.marks import CamMark, cam_marks
 from inference.phi import describe, scrub
 from inference.pixel_pool import PixelPool
 from inference.preprocessing import preprocess_array
@@ -33,9 +37,17 @@ from inference.rendering import (
     CaptureTask,
     EncodedObject,
     ReportTask,
+    capture_captions,
     display_image,
+    exact_display_factor,
     render_capture,
     render_report,
+)
+from inference.rendering_marks import (
+    CadReportTask,
+    PresentationTask,
+    render_cad_report,
+    render_presentation_state,
 )
 from inference.types import (
     SCREENING_VIEWS,
@@ -49,9 +61,11 @@ from inference.types import (
     view_key,
 )
 from inference.voi import apply_voi
+from inference.writers.cad_sr import cad_sr_uids
 from inference.writers.common import copyable_header
+from inference.writers.gsps import gsps_uids
 from inference.writers.sc import cam_sc_uids
-from inference.writers.sr import sr_uids
+from inference.writers.sr import CaptureReference, sr_uids
 
 if TYPE_CHECKING:
     from inference.backends.cuda_runtime import CudaArray
@@ -61,6 +75,8 @@ log = logging.getLogger(__name__)
 
 CAM_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9902
+CAD_SR_SERIES_NUMBER = 9903
+GSPS_SERIES_NUMBER = 9904
 
 
 @dataclass
@@ -92,6 +108,12 @@ class StudyOutputs:
     capture_failures: list[ImageFailure] = field(default_factory=list)
     not_analysed: list[ImageFailure] = field(default_factory=list)
     missing_views: tuple[str, ...] = ()
+    cad_report: EncodedObject | None = None
+    """The Mammography CAD SR; None when it could not be made (``object_failures`` says why)."""
+    presentation_states: list[EncodedObject | None] = field(default_factory=list)
+    """One GSPS per image in ``score.images`` order when they were asked for, else empty."""
+    object_failures: list[str] = field(default_factory=list)
+    """Scrubbed reasons why a CAD SR or a presentation state could not be made."""
 
     @property
     def complete(self) -> bool:
@@ -136,8 +158,15 @@ class Pipeline:
         aggregation: str | None = None,
         batch_size: int = 8,
         dali: DaliPreprocessor | None = None,
+        cam_opacity_follows_probability: bool = False,
+        write_presentation_states: bool = False,
     ) -> None:
         self.backend = backend
+        # Also a GSPS per image with the CAD marks, for viewers without CAD SR or colour support.
+        self.write_presentation_states = write_presentation_states
+        # Off (default): every CAM capture shows its map at one opacity, read with its colour
+        # scale; on: the map of an image the model finds benign fades with its probability.
+        self.cam_opacity_follows_probability = cam_opacity_follows_probability
         self.dali = dali  # optional DALI preprocessing, used by prepare_and_infer
         self.manifest = backend.manifest
         self.aggregation = aggregation or self.manifest.aggregation
@@ -242,9 +271,12 @@ class Pipeline:
         in the report; the report itself is required (its failure raises). ``not_analysed`` are
         the study's images that could not be scored and ``expected_views`` the views a complete
         exam has: either kind of gap makes the report PARTIAL. With ``keep_pictures`` the
-        rendered RGB pictures come back too (for PNG files).
+        rendered RGB pictures come back too (for PNG files). The Mammography CAD SR and, when the
+        pipeline writes presentation states, one GSPS per image carry the same CAM marks as the report; one
+        that cannot be made is left out and named in ``object_failures``.
         """
         by_uid = {p.meta.sop_instance_uid: p for p in images}
+        marks = report_marks(study)
         tasks = [
             self._capture_task(
                 study, by_uid[image.meta.sop_instance_uid], image, number, result_version, keep_pictures
@@ -281,11 +313,90 @@ class Pipeline:
             not_analysed=tuple(not_analysed),
             missing_views=missing,
             captures_missing=tuple(capture_failures),
+            marks=marks,
+            captures=capture_references(study, captures),
         )
         ((_, report),) = list(pool.imap(render_report, [report_task]))
         if isinstance(report, Exception):
             raise report
-        return StudyOutputs(study, captures, pictures, report, capture_failures, list(not_analysed), missing)
+        outputs = StudyOutputs(
+            study, captures, pictures, report, capture_failures, list(not_analysed), missing
+        )
+        self._mark_objects(outputs, report_task.sources, marks, pool, result_version)
+        return outputs
+
+    def _mark_objects(
+        self,
+        outputs: StudyOutputs,
+        sources: Sequence[Dataset],
+        marks: Mapping[str, tuple[CamMark, ...]],
+        pool: PixelPool,
+        result_version: int,
+    ) -> None:
+        """Add the CAD SR and the presentation states (when asked for) to ``outputs``."""
+        study = outputs.score
+        series_uid, sop_uid = cad_sr_uids(
+            study.study_instance_uid,
+            self.algorithm,
+            [i.meta.sop_instance_uid for i in study.images],
+            result_version,
+        )
+        cad_task = CadReportTask(
+            study=study,
+            sources=sources,
+            marks=marks,
+            algorithm=self.algorithm,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            series_number=CAD_SR_SERIES_NUMBER,
+            not_analysed=tuple(outputs.not_analysed),
+            missing_views=outputs.missing_views,
+        )
+        ((_, cad),) = list(pool.imap(render_cad_report, [cad_task]))
+        if isinstance(cad, Exception):
+            outputs.object_failures.append(f"Mammography CAD SR: {scrub(describe(cad))}")
+        else:
+            outputs.cad_report = cad
+        if not self.write_presentation_states:
+            return
+        tasks = [
+            self._presentation_task(study, source, image, marks, number, result_version)
+            for number, (image, source) in enumerate(zip(study.images, sources, strict=True), start=1)
+        ]
+        for task, state in pool.imap(render_presentation_state, tasks):
+            if isinstance(state, Exception):
+                uid = task.score.meta.sop_instance_uid
+                outputs.object_failures.append(f"presentation state of {uid}: {scrub(describe(state))}")
+                outputs.presentation_states.append(None)
+            else:
+                outputs.presentation_states.append(state)
+
+    def _presentation_task(
+        self,
+        study: StudyScore,
+        source: Dataset,
+        image: ImageScore,
+        marks: Mapping[str, tuple[CamMark, ...]],
+        number: int,
+        result_version: int,
+    ) -> PresentationTask:
+        uid = image.meta.sop_instance_uid
+        series_uid, sop_uid = gsps_uids(
+            uid, self.algorithm, study.study_instance_uid, result_version, laterality=image.meta.laterality
+        )
+        breast_p = next((b.probability for b in study.breasts if uid in b.image_probabilities), float("nan"))
+        return PresentationTask(
+            source=source,
+            score=image,
+            marks=marks.get(uid, ()),
+            breast_probability=breast_p,
+            threshold=study.threshold,
+            algorithm=self.algorithm,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            series_number=GSPS_SERIES_NUMBER,
+            instance_number=number,
+        )
 
     def _capture_task(
         self,
@@ -296,17 +407,6 @@ class Pipeline:
         result_version: int,
         keep_picture: bool,
     ) -> CaptureTask:
-        breast_p = next(
-            (b.probability for b in study.breasts if image.meta.sop_instance_uid in b.image_probabilities),
-            float("nan"),
-        )
-        captions = (
-            f"{self.manifest.name} {self.manifest.version} ({self.manifest.architecture}) "
-            f"sha256 {self.manifest.weights_sha256[:12]}",
-            f"{image.meta.laterality} {image.meta.view}: P(malignancy) image {image.probability:.2f}"
-            f"  breast {breast_p:.2f}  exam {study.exam_probability:.2f}"
-            f"  threshold {study.threshold:.2f}",
-        )
         series_uid, sop_uid = cam_sc_uids(
             image.meta.sop_instance_uid, self.algorithm, study.study_instance_uid, result_version
         )
@@ -314,13 +414,15 @@ class Pipeline:
             source=prepared.dataset,
             display=prepared.display,
             score=image,
-            captions=captions,
+            captions=capture_captions(study, image, self.manifest),
             algorithm=self.algorithm,
             series_instance_uid=series_uid,
             sop_instance_uid=sop_uid,
             series_number=CAM_SERIES_NUMBER,
             instance_number=number,
             keep_picture=keep_picture,
+            display_factor=exact_display_factor(image.meta.rows, image.meta.columns, prepared.display.shape),
+            opacity_follows_probability=self.cam_opacity_follows_probability,
         )
 
 
@@ -328,6 +430,35 @@ def image_failure(meta: ImageMeta, error: BaseException) -> ImageFailure:
     """What a report says of an image that failed: its identity and the scrubbed reason."""
     reason = str(error) if isinstance(error, InputError) else describe(error)
     return ImageFailure(meta.sop_instance_uid, meta.sop_class_uid, meta.laterality, meta.view, scrub(reason))
+
+
+def report_marks(study: StudyScore) -> dict[str, tuple[CamMark, ...]]:
+    """The CAM marks of each scored image (:func:`inference.marks.cam_marks`), by SOP Instance UID,
+    where the report places its groups' image regions. An image whose marks cannot be worked out
+    is left out (the report then uses its whole image) rather than failing the study's report."""
+    marks: dict[str, tuple[CamMark, ...]] = {}
+    for image in study.images:
+        try:
+            marks[image.meta.sop_instance_uid] = cam_marks(image)
+        except (ValueError, cv2.error) as exc:
+            log.warning("no CAM marks for image %s: %s", image.meta.sop_instance_uid, describe(exc))
+    return marks
+
+
+def capture_references(
+    study: StudyScore, captures: Sequence[EncodedObject | None]
+) -> dict[str, CaptureReference]:
+    """The CAM capture made of each scored image (``captures`` in ``study.images`` order, ``None``
+    where it failed), by source SOP Instance UID, as the report references it."""
+    refs: dict[str, CaptureReference] = {}
+    for image, encoded in zip(study.images, captures, strict=True):
+        if encoded is None:
+            continue
+        header = pydicom.dcmread(io.BytesIO(encoded.data), stop_before_pixels=True)
+        refs[image.meta.sop_instance_uid] = CaptureReference(
+            encoded.sop_class_uid, encoded.sop_instance_uid, str(header.SeriesInstanceUID)
+        )
+    return refs
 
 
 def _image_scores(images: Sequence[PreparedImage], logits: np.ndarray, cams: np.ndarray) -> list[ImageScore]:

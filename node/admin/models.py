@@ -291,7 +291,8 @@ def select_model_dir(config: NodeConfig, session: Session) -> Path:
 
 def pipeline_factory(config: NodeConfig) -> PipelineFactory:
     """The default factory: ``config.backend`` (auto, torch, onnxruntime, tensorrt) on ``config.device``
-    for the model folder, with DALI preprocessing when ``config.preprocessing`` says so."""
+    for the model folder, with DALI preprocessing when ``config.preprocessing`` says so, and the
+    CAM captures' opacity and the presentation states as the output settings say."""
 
     def build(model_dir: Path) -> Pipeline:
         from inference import load_backend
@@ -304,6 +305,12 @@ def pipeline_factory(config: NodeConfig) -> PipelineFactory:
             device_id = None if config.device == "cpu" else int(config.device.partition(":")[2] or "0")
             preprocess = backend.manifest.preprocess
             dali = DaliPreprocessor(preprocess, device_id=device_id, batch_size=config.batch_size)
-        return Pipeline(backend, batch_size=config.batch_size, dali=dali)
+        return Pipeline(
+            backend,
+            batch_size=config.batch_size,
+            dali=dali,
+            cam_opacity_follows_probability=config.cam_opacity_follows_probability,
+            write_presentation_states=config.write_presentation_states,
+        )
 
     return build

@@ -29,6 +29,20 @@ def score(
         bool,
         typer.Option("--quiet", "-q", help="No progress bar (there is none when stderr is not a terminal)."),
     ] = False,
+    cam_opacity_follows_probability: Annotated[
+        bool,
+        typer.Option(
+            "--cam-opacity-follows-probability",
+            help="Fade each CAM by its image's probability (default: the same opacity for every map).",
+        ),
+    ] = False,
+    presentation_states: Annotated[
+        bool,
+        typer.Option(
+            "--presentation-states",
+            help="Also write a Grayscale Softcopy Presentation State per image (marks, notice) in pr/.",
+        ),
+    ] = False,
 ) -> None:
     """Score mammograms offline: table of image, breast and exam scores, DICOM results in --out."""
     from node.commands._progress import progress_bar
@@ -44,6 +58,8 @@ def score(
             json_output=json_output,
             progress=bar.update,
             on_files=bar.start,
+            cam_opacity_follows_probability=cam_opacity_follows_probability,
+            presentation_states=presentation_states,
         )
     for line in result.problems:
         typer.echo(line, err=True)

@@ -8,14 +8,14 @@ files, and rows that already exist under those UIDs are reused rather than dupli
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from inference import EncodedObject, Pipeline, StudyScore, atomic_write_bytes, is_valid_uid
+from inference import EncodedObject, Pipeline, StudyOutputs, StudyScore, atomic_write_bytes, is_valid_uid
 from node.config import Destination
 from node.db.models import OutputObject, Score, Transmission, utcnow
 from node.db.states import TransmissionState
@@ -24,6 +24,8 @@ from node.dicom.spool import fsync_dir
 
 KIND_SC = "SC"
 KIND_SR = "SR"
+KIND_CAD_SR = "CAD"
+KIND_PR = "PR"
 
 
 def write_outbox_file(outbox_dir: Path, study_uid: str, obj: EncodedObject) -> str:
@@ -135,3 +137,29 @@ def add_output(
                 )
             )
     return output
+
+
+Output = tuple[str, EncodedObject, str, list[str]]
+"""(kind, encoded object, outbox path, source SOP Instance UIDs) of one written result."""
+
+
+def write_outputs(
+    outbox_dir: Path, study_uid: str, lateralities: Collection[str], result: StudyOutputs
+) -> list[Output]:
+    """Write a scored study version's objects to the outbox: the captures and presentation states
+    of the breasts it re-scores (``lateralities``), the report and the CAD SR."""
+    files: list[Output] = []
+    states = result.presentation_states or [None] * len(result.score.images)
+    for image, sc, state in zip(result.score.images, result.secondary_captures, states, strict=True):
+        if side_code(image.meta.laterality) not in lateralities:
+            continue
+        for kind, obj in ((KIND_SC, sc), (KIND_PR, state)):
+            if obj is not None:
+                files.append(
+                    (kind, obj, write_outbox_file(outbox_dir, study_uid, obj), [image.meta.sop_instance_uid])
+                )
+    all_sources = [i.meta.sop_instance_uid for i in result.score.images]
+    for kind, report in ((KIND_SR, result.report), (KIND_CAD_SR, result.cad_report)):
+        if report is not None:
+            files.append((kind, report, write_outbox_file(outbox_dir, study_uid, report), all_sources))
+    return files

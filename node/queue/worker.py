@@ -34,7 +34,6 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from inference import (
-    EncodedObject,
     ImageFailure,
     ImageMeta,
     ImageScore,
@@ -60,11 +59,8 @@ from node.db.states import JobState, StudyState, check_transition, move
 from node.dicom.intake import side_code
 from node.dicom.spool import read_and_prepare, read_spooled
 from node.queue.claims import claim_job, is_due, requeue_stale_claims
-from node.queue.results import KIND_SC, KIND_SR, add_output, score_rows, write_outbox_file
+from node.queue.results import add_output, score_rows, write_outputs
 from node.queue.retry import MAX_ATTEMPTS, failure_delay, is_transient, transient_delay
-
-Output = tuple[str, EncodedObject, str, list[str]]
-"""(kind, encoded object, outbox path, source SOP Instance UIDs) of one written result."""
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +369,9 @@ class Worker:
             not_analysed=work.failures,
             expected_views=self.config.expected_views,
         )
-        files = self._write_outbox(work, result)
+        for failure in result.object_failures:
+            log.warning("study %s version %d: %s", work.study_uid, work.version, failure)
+        files = write_outputs(self.config.outbox_dir, work.study_uid, work.lateralities, result)
         m = pipeline.manifest
         with self.sessions() as session:
             if not self._complete_job(session, work):
@@ -430,21 +428,6 @@ class Worker:
             len(outputs),
             state,
         )
-
-    def _write_outbox(
-        self, work: _Work, result: StudyOutputs
-    ) -> list[tuple[str, EncodedObject, str, list[str]]]:
-        """Write the captures of the breasts this version re-scores, and the report, to the outbox."""
-        files: list[tuple[str, EncodedObject, str, list[str]]] = []
-        for image, sc in zip(result.score.images, result.secondary_captures, strict=True):
-            if sc is not None and side_code(image.meta.laterality) in work.lateralities:
-                path = write_outbox_file(self.config.outbox_dir, work.study_uid, sc)
-                files.append((KIND_SC, sc, path, [image.meta.sop_instance_uid]))
-        sr_path = write_outbox_file(self.config.outbox_dir, work.study_uid, result.report)
-        files.append(
-            (KIND_SR, result.report, sr_path, [i.meta.sop_instance_uid for i in result.score.images])
-        )
-        return files
 
     def _audit_capture_failures(self, session: Session, work: _Work, result: StudyOutputs) -> None:
         for failure in result.capture_failures:

@@ -97,6 +97,7 @@ def describe_results(out: Path, studies: Sequence[DemoStudy]) -> list[str]:
         f"CAM overlays (PNG):      {out / 'png'} ({len(written['png'])} files)",
         f"secondary captures (SC): {out / 'sc'} ({len(written['sc'])} files)",
         f"structured reports (SR): {out / 'sr'} ({len(written['sr'])} files)",
+        f"CAD SR (marks):          {out / 'cad'} ({len(written.get('cad', []))} files)",
         f"summary (JSON):          {out / 'summary.json'}",
     ]
     if summary["model"].get("notice"):

@@ -28,6 +28,8 @@ from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     ExplicitVRLittleEndian,
+    GrayscaleSoftcopyPresentationStateStorage,
+    MammographyCADSRStorage,
     RLELossless,
     SecondaryCaptureImageStorage,
 )
@@ -65,7 +67,13 @@ class ResultsReceiver:
 
         ae = AE(ae_title=PACS_AE)
         ae.maximum_pdu_size = 0
-        for sop_class in (SecondaryCaptureImageStorage, Comprehensive3DSRStorage, ComprehensiveSRStorage):
+        for sop_class in (
+            SecondaryCaptureImageStorage,
+            Comprehensive3DSRStorage,
+            ComprehensiveSRStorage,
+            MammographyCADSRStorage,
+            GrayscaleSoftcopyPresentationStateStorage,
+        ):
             ae.add_supported_context(sop_class, [RLELossless, ExplicitVRLittleEndian])
         self._server = ae.start_server(
             (LOOPBACK, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
@@ -79,7 +87,7 @@ class ResultsReceiver:
     def _on_store(self, event: Any) -> int:
         ds = event.dataset
         ds.file_meta = event.file_meta
-        kind = "sr" if ds.Modality == "SR" else "sc"
+        kind = "cad" if ds.SOPClassUID == MammographyCADSRStorage else "sr" if ds.Modality == "SR" else "sc"
         path = self.out / kind / f"{ds.SOPInstanceUID}.dcm"
         path.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(path, enforce_file_format=True)
@@ -88,11 +96,11 @@ class ResultsReceiver:
         return int(DimseStatus.SUCCESS)
 
     def complete(self, expected: dict[str, int]) -> bool:
-        """True when every study has its report and one capture per sent image."""
+        """True when every study has its report, its CAD SR and one capture per sent image."""
         with self._lock:
             for study_uid, n_images in expected.items():
                 paths = self.received.get(study_uid, [])
-                if sum(p.parent.name == "sr" for p in paths) < 1:
+                if not {"sr", "cad"} <= {p.parent.name for p in paths}:
                     return False
                 if sum(p.parent.name == "sc" for p in paths) < n_images:
                     return False
@@ -123,7 +131,7 @@ def _summary(
     """PNGs of the received captures and ``summary.json``'s content (the offline demo's shape)."""
     from inference import save_png
 
-    written: dict[str, list[str]] = {"png": [], "sc": [], "sr": []}
+    written: dict[str, list[str]] = {"png": [], "sc": [], "sr": [], "cad": []}
     for paths in receiver.received.values():
         for path in sorted(paths):
             written[path.parent.name].append(str(path))

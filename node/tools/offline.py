@@ -54,10 +54,13 @@ class ScoreRun:
     written: dict[str, list[str]] = field(default_factory=dict)
 
 
+OUTPUT_FOLDERS = ("sc", "sr", "cad", "pr", "png")
+
+
 def _own_outputs(out: Path) -> tuple[set[Path], set[Path]]:
     """The folders and files a run writes under ``out`` (resolved), never inputs of a later run."""
     root = out.resolve()
-    return {root / sub for sub in ("sc", "sr", "png")}, {root / "summary.json"}
+    return {root / sub for sub in OUTPUT_FOLDERS}, {root / "summary.json"}
 
 
 def collect_files(paths: list[Path], *, out: Path | None = None) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -142,7 +145,7 @@ def score_files(
     ordered, keys = study_order(files)
     remaining = Counter(keys[p] for p in ordered)
     images: dict[object, list[tuple[PreparedImage, ImageScore]]] = defaultdict(list)
-    run = ScoreRun(written={"sc": [], "sr": [], "png": []})
+    run = ScoreRun(written={sub: [] for sub in OUTPUT_FOLDERS})
     failed: dict[Path, str] = {}
     seen: set[str] = set()
 
@@ -197,6 +200,8 @@ def _finish_study(
             run.written[key].extend(values)
         for failure in result.capture_failures:
             run.render_failures.append((failure.sop_instance_uid, f"no CAM image: {failure.reason}"))
+        for problem in result.object_failures:
+            run.render_failures.append((study.study_instance_uid, problem))
         run.outputs.append(_written(result))
 
 
@@ -212,24 +217,36 @@ def _written(result: StudyOutputs) -> StudyOutputs:
         secondary_captures=[None if sc is None else identity(sc) for sc in result.secondary_captures],
         overlays=[None] * len(result.overlays),
         report=identity(result.report),
+        cad_report=None if result.cad_report is None else identity(result.cad_report),
+        presentation_states=[None if p is None else identity(p) for p in result.presentation_states],
     )
 
 
 def write_outputs(result: StudyOutputs, out: Path, *, png: bool = True) -> dict[str, list[str]]:
-    """Write SC, SR and (with ``png``) PNG files of one study under ``out``; returns the paths."""
-    written: dict[str, list[str]] = {"sc": [], "sr": [], "png": []}
-    for sub in ("sc", "sr", "png") if png else ("sc", "sr"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    for image, sc, rgb in zip(result.score.images, result.secondary_captures, result.overlays, strict=True):
+    """Write one study's files under ``out``: CAM captures (``sc/``), the TID 1500 report
+    (``sr/``), the Mammography CAD SR (``cad/``), presentation states when made (``pr/``) and, with
+    ``png``, PNG pictures (``png/``); returns the paths by folder."""
+    written: dict[str, list[str]] = {sub: [] for sub in OUTPUT_FOLDERS}
+
+    def put(sub: str, name: str, data: bytes) -> None:
+        path = out / sub / f"{name}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        written[sub].append(str(path))
+
+    states = result.presentation_states or [None] * len(result.score.images)
+    for image, sc, rgb, state in zip(
+        result.score.images, result.secondary_captures, result.overlays, states, strict=True
+    ):
         if sc is not None:
-            sc_path = out / "sc" / f"{sc.sop_instance_uid}.dcm"
-            sc_path.write_bytes(sc.data)
-            written["sc"].append(str(sc_path))
+            put("sc", sc.sop_instance_uid, sc.data)
+        if state is not None:
+            put("pr", state.sop_instance_uid, state.data)
         if png and rgb is not None:
             written["png"].append(str(save_png(rgb, out / "png" / f"{image.meta.sop_instance_uid}.png")))
-    sr_path = out / "sr" / f"{result.report.sop_instance_uid}.dcm"
-    sr_path.write_bytes(result.report.data)
-    written["sr"].append(str(sr_path))
+    put("sr", result.report.sop_instance_uid, result.report.data)
+    if result.cad_report is not None:
+        put("cad", result.cad_report.sop_instance_uid, result.cad_report.data)
     return written
 
 
@@ -247,6 +264,9 @@ def summary(pipeline: Pipeline, run: ScoreRun) -> dict[str, Any]:
                 "threshold": s.threshold,
                 "recall_recommended": s.recall_recommended,
                 "sr_sop_instance_uid": result.report.sop_instance_uid,
+                "cad_sr_sop_instance_uid": None
+                if result.cad_report is None
+                else result.cad_report.sop_instance_uid,
                 "complete": result.complete,
                 "missing_views": list(result.missing_views),
                 "breasts": [
@@ -330,15 +350,24 @@ def run_score(
     pool: PixelPool | None = None,
     progress: Callable[[int], None] | None = None,
     on_files: Callable[[int], None] | None = None,
+    cam_opacity_follows_probability: bool = False,
+    presentation_states: bool = False,
 ) -> ScoreResult:
     """Score ``paths`` into ``out``; the exit status is 1 if anything was skipped.
 
     ``pool`` decodes ahead of the backend and renders the results; by default a process pool.
     ``on_files`` is told how many files will be scored (e.g. to size a progress bar), and
-    ``progress`` is called with 1 after each of them.
+    ``progress`` is called with 1 after each of them. ``cam_opacity_follows_probability`` is the
+    node setting of that name: fade each CAM by its image's probability (default: constant);
+    ``presentation_states`` also writes a GSPS per image (``pr/``).
     """
     engine = load_backend(backend, resolve_model_dir(model_dir))
-    pipeline = Pipeline(engine, aggregation=aggregation)
+    pipeline = Pipeline(
+        engine,
+        aggregation=aggregation,
+        cam_opacity_follows_probability=cam_opacity_follows_probability,
+        write_presentation_states=presentation_states,
+    )
     files, missing = collect_files(paths, out=out)
     if on_files is not None:
         on_files(len(files))

@@ -232,6 +232,25 @@ def test_is_mammogram(sop_class: str, modality: str, expected: bool) -> None:
     assert reason
 
 
+def test_a_cam_capture_with_modality_mg_is_not_a_mammogram_to_score() -> None:
+    """CAM captures say Modality MG (hanging protocols), so the source reference decides: an image
+    made by image processing of another image is a result, not a mammogram (no re-scoring loop)."""
+    from pydicom.dataset import Dataset
+
+    ds = make_dataset(mammo_pixels(8), SOPClassUID=SecondaryCaptureImageStorage, Modality="MG")
+    assert is_mammogram(ds, read_meta(ds))[0]  # a digitised film: scored
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator = "121322", "DCM"
+    purpose.CodeMeaning = "Source image for image processing operation"
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = DX_MAMMO_FOR_PRESENTATION
+    ref.ReferencedSOPInstanceUID = "1.2.3.4"
+    ref.PurposeOfReferenceCodeSequence = [purpose]
+    ds.SourceImageSequence = [ref]
+    ok, reason = is_mammogram(ds, read_meta(ds))
+    assert not ok and "image processing" in reason
+
+
 # ---------------------------------------------------------------------------- fuzzing
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom import dcmread
+from pydicom import dcmread, uid
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 
@@ -704,6 +704,8 @@ STORAGE_CLASSES: dict[str, str] = {
     "comprehensive_3d_sr": "1.2.840.10008.5.1.4.1.1.88.34",
     "comprehensive_sr": "1.2.840.10008.5.1.4.1.1.88.33",
     "enhanced_sr": "1.2.840.10008.5.1.4.1.1.88.22",
+    "mammography_cad_sr": uid.MammographyCADSRStorage,
+    "grayscale_presentation_state": uid.GrayscaleSoftcopyPresentationStateStorage,
 }
 """The storage SOP classes the node receives and sends, by a readable name."""
 

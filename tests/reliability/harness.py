@@ -528,6 +528,7 @@ def modalities_running(modalities: Sequence[Modality]) -> Iterator[list[threadin
 # -- what reached the PACS ---------------------------------------------------------------------
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 
 
 @dataclass
@@ -536,6 +537,9 @@ class Delivered:
 
     captures: list[Any]
     reports: list[Any]
+    """The TID 1500 score reports."""
+    cad_reports: list[Any]
+    """The Mammography CAD SRs."""
     others: list[Any]
 
     def captures_of(self, study_uid: str) -> list[Any]:
@@ -544,13 +548,18 @@ class Delivered:
     def reports_of(self, study_uid: str) -> list[Any]:
         return [ds for ds in self.reports if str(ds.StudyInstanceUID) == study_uid]
 
+    def cad_reports_of(self, study_uid: str) -> list[Any]:
+        return [ds for ds in self.cad_reports if str(ds.StudyInstanceUID) == study_uid]
+
 
 def delivered(pacs: Any) -> Delivered:
-    """Every instance in Orthanc (``peers.Orthanc``), sorted into CAM captures, SRs and others."""
+    """Every instance in Orthanc (``peers.Orthanc``), sorted into CAM captures, score reports,
+    CAD SRs and others."""
     datasets = [pacs.dataset(i) for i in pacs.instances()]
     return Delivered(
         captures=[ds for ds in datasets if ds.SOPClassUID == SECONDARY_CAPTURE and ds.Modality != "SR"],
-        reports=[ds for ds in datasets if ds.Modality == "SR"],
+        reports=[ds for ds in datasets if ds.Modality == "SR" and ds.SOPClassUID != MAMMOGRAPHY_CAD_SR],
+        cad_reports=[ds for ds in datasets if ds.SOPClassUID == MAMMOGRAPHY_CAD_SR],
         others=[ds for ds in datasets if ds.SOPClassUID != SECONDARY_CAPTURE and ds.Modality != "SR"],
     )
 
@@ -561,13 +570,28 @@ def source_uids(capture: Any) -> list[str]:
 
 
 def evidence_uids(report: Any) -> set[str]:
-    """The SOP Instance UIDs an SR lists as its evidence."""
-    return {
+    """The SOP Instance UIDs an SR lists as the evidence it was made from: its evidence sequence
+    less the CAM captures it references as "Visual explanation" (DCM 130401) of its images."""
+    listed = {
         str(sop.ReferencedSOPInstanceUID)
         for study in report.get("CurrentRequestedProcedureEvidenceSequence", [])
         for series in study.ReferencedSeriesSequence
         for sop in series.ReferencedSOPSequence
     }
+    return listed - visual_explanation_uids(report)
+
+
+def visual_explanation_uids(report: Any) -> set[str]:
+    """The SOP Instance UIDs of the CAM captures an SR references ("Visual explanation" items)."""
+    found: set[str] = set()
+    todo = list(report.get("ContentSequence", []))
+    while todo:
+        item = todo.pop()
+        names = item.get("ConceptNameCodeSequence", [])
+        if item.get("ValueType") == "IMAGE" and names and names[0].CodeValue == "130401":
+            found.add(str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+        todo.extend(item.get("ContentSequence", []))
+    return found
 
 
 def sr_texts(report: Any) -> list[str]:

@@ -57,13 +57,14 @@ def _uids(files: list[Path]) -> list[str]:
 
 
 def _wait_for_results(pacs: object, study_uid: str, captures: int) -> Delivered:
-    """Wait until Orthanc holds ``captures`` CAM captures and one SR of the study."""
+    """Wait until Orthanc holds ``captures`` CAM captures, the SR and the CAD SR of the study."""
 
     def arrived() -> bool:
         got = delivered(pacs)
-        return len(got.captures_of(study_uid)) >= captures and len(got.reports_of(study_uid)) >= 1
+        reports = len(got.reports_of(study_uid)) + len(got.cad_reports_of(study_uid))
+        return len(got.captures_of(study_uid)) >= captures and reports >= 2
 
-    wait_until(arrived, f"{captures} CAM captures + 1 SR of study {study_uid}", RESULT_TIMEOUT, 0.5)
+    wait_until(arrived, f"{captures} CAM captures + 2 SRs of study {study_uid}", RESULT_TIMEOUT, 0.5)
     time.sleep(SETTLE_SECONDS)
     return delivered(pacs)
 
@@ -115,6 +116,8 @@ def test_an_aborting_codec_child_fails_one_image_and_the_node_keeps_serving(
     assert named, f"the SR does not name the failed image {aborting}: {sr_texts(report)}"
     assert any("not analysed" in text.lower() for text in named), named
     assert set(others) <= evidence_uids(report)
+    (cad,) = got.cad_reports_of(study_1)
+    assert cad.CompletionFlag == "PARTIAL" and any(aborting in text for text in sr_texts(cad))
 
     # The node kept receiving and scoring: C-ECHO, then a whole new study end to end.
     assert node.echo()
@@ -126,7 +129,7 @@ def test_an_aborting_codec_child_fails_one_image_and_the_node_keeps_serving(
     assert report_2.CompletionFlag == "COMPLETE"
     assert node.running and node.pid == pid and node.runs == 1
     # Nothing more than these results reached the PACS (no duplicates, no stray re-score).
-    assert (len(got.captures), len(got.reports), len(got.others)) == (3 + 4, 2, 0)
+    assert (len(got.captures), len(got.reports), len(got.cad_reports), len(got.others)) == (3 + 4, 2, 2, 0)
 
     # The audit log, read through the operator's CLI, has the failed image.
     listing = subprocess.run(

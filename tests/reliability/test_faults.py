@@ -72,16 +72,18 @@ def _last_event_id(sessions: sessionmaker[Session]) -> int:
 
 
 def _assert_one_result_set(pacs: Orthanc, studies: dict[str, list[str]]) -> None:
-    """Each study: one CAM SC per image (and no other), one SR citing them all; nothing else."""
+    """Each study: one CAM SC per image (and no other), one SR and one CAD SR citing them all;
+    nothing else."""
     got = delivered(pacs)
     assert got.others == []
     for study_uid, images in studies.items():
         captures = got.captures_of(study_uid)
         assert sorted(uid for c in captures for uid in source_uids(c)) == sorted(images), study_uid
         (report,) = got.reports_of(study_uid)
-        assert evidence_uids(report) == set(images)
-    expected = sum(len(images) + 1 for images in studies.values())
-    assert len(got.captures) + len(got.reports) == expected
+        (cad,) = got.cad_reports_of(study_uid)
+        assert evidence_uids(report) == evidence_uids(cad) == set(images)
+    expected = sum(len(images) + 2 for images in studies.values())
+    assert len(got.captures) + len(got.reports) + len(got.cad_reports) == expected
 
 
 def _all_sent(sessions: sessionmaker[Session], n: int) -> bool:

@@ -150,6 +150,12 @@ def test_one_decodable_cam_capture_per_input_referencing_it(scored: ScoreRun) ->
         assert sc.SOPInstanceUID not in scored.inputs
         grey = decode_pixels(sc)
         assert grey.shape == (sc.Rows, sc.Columns) and float(np.ptp(grey)) > 0
+        # The source's grid shrunk by a whole factor (no strips), hung by modality, side and view.
+        factor = -(-max(source.rows, source.columns) // 2048)
+        assert (sc.Rows, sc.Columns) == (source.rows // factor, source.columns // factor)
+        assert sc.Modality == "MG" and sc.ImageLaterality == source.laterality
+        if source.view in ("CC", "MLO"):
+            assert sc.ViewCodeSequence[0].CodeValue == {"CC": "399162004", "MLO": "399368009"}[source.view]
     assert sorted(referenced) == sorted(scored.inputs)
 
 

@@ -117,9 +117,9 @@ def test_every_real_shaped_film_is_delivered_with_its_cam_and_a_partial_report(
 
     def all_arrived() -> bool:
         got = delivered(pacs)
-        return len(got.captures) >= len(films) and len(got.reports) >= len(films)
+        return len(got.captures) >= len(films) and len(got.reports) == len(got.cad_reports) == len(films)
 
-    wait_until(all_arrived, f"{len(films)} CAM SCs + {len(films)} SRs in Orthanc", RESULT_TIMEOUT, 1.0)
+    wait_until(all_arrived, f"{len(films)} CAM SCs, SRs and CAD SRs in Orthanc", RESULT_TIMEOUT, 1.0)
     seconds = time.monotonic() - started
     time.sleep(SETTLE_SECONDS)
     assert node.running and node.runs == 1, node.log_tail()
@@ -127,7 +127,7 @@ def test_every_real_shaped_film_is_delivered_with_its_cam_and_a_partial_report(
 
     got = delivered(pacs)
     assert got.others == []
-    assert len(got.captures) == len(films) and len(got.reports) == len(films)
+    assert len(got.captures) == len(got.reports) == len(got.cad_reports) == len(films)
     with sessions() as session:
         rows = {i.sop_instance_uid: i for i in session.scalars(select(Instance))}
     for film in films:
@@ -147,3 +147,7 @@ def test_every_real_shaped_film_is_delivered_with_its_cam_and_a_partial_report(
             f"{film.path.name} ({present}): no SR statement names the missing views {missing}: "
             f"{sr_texts(report)}"
         )
+        (cad,) = got.cad_reports_of(film.study_uid)
+        assert cad.CompletionFlag == "PARTIAL" and evidence_uids(cad) == {film.sop_uid}
+        cad_text = " ".join(sr_texts(cad))
+        assert all(view in cad_text for view in missing), f"CAD SR does not name {missing}: {cad_text}"

@@ -282,9 +282,11 @@ def test_crash_storm_loses_nothing_and_gives_one_result_per_image(
 
         def all_delivered() -> bool:
             snap = storm.snapshot()
-            return snap["orthanc_instances"] >= total + n_studies and snap["transmissions_due"] == 0
+            return snap["orthanc_instances"] >= total + 2 * n_studies and snap["transmissions_due"] == 0
 
-        wait_until(all_delivered, f"{total} CAM SCs + {n_studies} SRs in Orthanc", STORM_TIMEOUT, 0.5)
+        wait_until(
+            all_delivered, f"{total} CAM SCs + {n_studies} SRs and CAD SRs in Orthanc", STORM_TIMEOUT, 0.5
+        )
         done_at = time.monotonic()
         memory.sample()
         time.sleep(max(0.0, IDLE_AFTER_SECONDS - (time.monotonic() - done_at)))
@@ -344,10 +346,14 @@ def test_crash_storm_loses_nothing_and_gives_one_result_per_image(
     assert set(references) == acknowledged and len(got.captures) == total
     reports = Counter(str(r.StudyInstanceUID) for r in got.reports)
     assert {uid: reports.get(uid, 0) for uid in corpus.study_images} == dict.fromkeys(corpus.study_images, 1)
-    for report in got.reports:
+    cad_reports = Counter(str(r.StudyInstanceUID) for r in got.cad_reports)
+    assert {uid: cad_reports.get(uid, 0) for uid in corpus.study_images} == dict.fromkeys(
+        corpus.study_images, 1
+    )
+    for report in [*got.reports, *got.cad_reports]:
         assert evidence_uids(report) == corpus.study_images[str(report.StudyInstanceUID)]
-    uids_in_pacs = [str(ds.SOPInstanceUID) for ds in [*got.captures, *got.reports]]
-    assert len(uids_in_pacs) == len(set(uids_in_pacs)) == total + n_studies
+    uids_in_pacs = [str(ds.SOPInstanceUID) for ds in [*got.captures, *got.reports, *got.cad_reports]]
+    assert len(uids_in_pacs) == len(set(uids_in_pacs)) == total + 2 * n_studies
 
     # -- what the node recorded: no job charged, no operator command ----------------------------
     with sessions() as session:
@@ -365,8 +371,8 @@ def test_crash_storm_loses_nothing_and_gives_one_result_per_image(
     assert {s.state for s in studies} == {"scored"} and len(studies) == n_studies
     assert events["study.failed"] == 0 and events["queue.retry"] == 0 and events["queue.drop"] == 0
     assert events["node.started"] == len(storm.kills) + 1
-    assert {t.state for t in transmissions} == {"sent"} and len(transmissions) == total + n_studies
-    assert len(outputs) == total + n_studies
+    assert {t.state for t in transmissions} == {"sent"} and len(transmissions) == total + 2 * n_studies
+    assert len(outputs) == total + 2 * n_studies
 
     # -- the spool: no orphan, no partial file ---------------------------------------------------
     spool = tmp_path / "data" / "spool"

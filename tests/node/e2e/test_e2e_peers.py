@@ -35,6 +35,7 @@ from peers import (
 )
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import MammographyCADSRStorage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -48,6 +49,8 @@ MAMMONODE = Path(sys.executable).with_name("mammonode")
 NODE_AE = "MAMMONODE"
 MODALITY_AE = "MODALITY"
 SECONDARY_CAPTURE = STORAGE_CLASSES["secondary_capture"]
+RESULTS_PER_STUDY = 6
+"""4 CAM captures, the score report and the Mammography CAD SR of a 4-view study."""
 RESULT_TIMEOUT = 120.0
 """Grace period plus scoring plus sending, with room for a loaded 2-core CI box."""
 SETTLE_SECONDS = 3.0
@@ -100,13 +103,23 @@ def source_uid(capture: Dataset) -> str:
 
 
 def evidence_uids(report: Dataset) -> set[str]:
-    """The SOP Instance UIDs an SR lists as the evidence it was made from."""
-    return {
+    """The SOP Instance UIDs an SR lists as the evidence it was made from: its evidence sequence
+    less the CAM captures it references as "Visual explanation" (DCM 130401) of its images."""
+    listed = {
         str(sop.ReferencedSOPInstanceUID)
         for study in report.CurrentRequestedProcedureEvidenceSequence
         for series in study.ReferencedSeriesSequence
         for sop in series.ReferencedSOPSequence
     }
+    captures = set()
+    todo = list(report.ContentSequence)
+    while todo:
+        item = todo.pop()
+        names = item.get("ConceptNameCodeSequence", [])
+        if item.ValueType == "IMAGE" and names and names[0].CodeValue == "130401":
+            captures.add(str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+        todo.extend(item.get("ContentSequence", []))
+    return listed - captures
 
 
 @dataclass
@@ -115,6 +128,7 @@ class Results:
 
     captures: list[Dataset]
     reports: list[Dataset]
+    cad_reports: list[Dataset]
     others: list[Dataset]
 
 
@@ -122,7 +136,8 @@ def results_in(pacs: Orthanc) -> Results:
     datasets = [pacs.dataset(i) for i in pacs.instances()]
     return Results(
         captures=[ds for ds in datasets if ds.SOPClassUID == SECONDARY_CAPTURE],
-        reports=[ds for ds in datasets if ds.Modality == "SR"],
+        reports=[ds for ds in datasets if ds.Modality == "SR" and ds.SOPClassUID != MammographyCADSRStorage],
+        cad_reports=[ds for ds in datasets if ds.SOPClassUID == MammographyCADSRStorage],
         others=[ds for ds in datasets if ds.SOPClassUID != SECONDARY_CAPTURE and ds.Modality != "SR"],
     )
 
@@ -137,14 +152,19 @@ def wait_for_exactly(pacs: Orthanc, n: int) -> list[str]:
 
 
 def assert_one_result_set(results: Results, study_uid: str, patient_id: str, sent: list[str]) -> None:
-    """4 CAM captures, one per sent image, and one SR citing them all, in the sent study."""
-    assert len(results.captures) == 4 and len(results.reports) == 1
-    report = results.reports[0]
-    for ds in [*results.captures, report]:
+    """4 CAM captures, one per sent image, one score report and one Mammography CAD SR, each
+    citing them all, in the sent study."""
+    assert len(results.captures) == 4 and len(results.reports) == 1 and len(results.cad_reports) == 1
+    report, cad = results.reports[0], results.cad_reports[0]
+    for ds in [*results.captures, report, cad]:
         assert (str(ds.StudyInstanceUID), str(ds.PatientID)) == (study_uid, patient_id)
     assert sorted(source_uid(c) for c in results.captures) == sorted(sent)
-    assert evidence_uids(report) == set(sent)
+    assert evidence_uids(report) == set(sent) and evidence_uids(cad) == set(sent)
     assert str(report.SOPClassUID) in STORAGE_CLASSES.values()
+
+
+def wait_sent(sessions: sessionmaker[Session], n: int) -> None:
+    wait_until(lambda: count(sessions, Transmission, Transmission.state == "sent") == n, "not all sent")
 
 
 def count(sessions: sessionmaker[Session], model: type[Any], *where: Any) -> int:
@@ -169,10 +189,10 @@ def transmission_states(sessions: sessionmaker[Session]) -> list[tuple[str, int]
 
 def all_sent_once(sessions: sessionmaker[Session]) -> None:
     """Every transmission is sent and the audit log says each went out exactly once."""
-    assert [state for state, _ in transmission_states(sessions)] == ["sent"] * 5
+    assert [state for state, _ in transmission_states(sessions)] == ["sent"] * RESULTS_PER_STUDY
     sent = audit_events(sessions, "result.sent")
-    assert len(sent) == 5
-    assert len({e.details["transmission_id"] for e in sent if e.details}) == 5
+    assert len(sent) == RESULTS_PER_STUDY
+    assert len({e.details["transmission_id"] for e in sent if e.details}) == RESULTS_PER_STUDY
 
 
 def assert_storescu_ok(proc: subprocess.CompletedProcess[str]) -> None:
@@ -302,11 +322,14 @@ def test_modality_to_node_to_pacs_with_the_audit_timeline(
     with serve(config, port, tmp_path / "serve.log") as node:
         started = time.monotonic()
         assert_storescu_ok(storescu(j2k_study, port, aec=NODE_AE, aet=MODALITY_AE, syntax="-xv"))
-        pacs.wait_for_instances(5, timeout=RESULT_TIMEOUT)
+        pacs.wait_for_instances(RESULTS_PER_STUDY, timeout=RESULT_TIMEOUT)
         elapsed = time.monotonic() - started
-        wait_for_exactly(pacs, 5)
+        wait_for_exactly(pacs, RESULTS_PER_STUDY)
         assert node.process.poll() is None, node.log_tail()
-        wait_until(lambda: count(sessions, Transmission, Transmission.state == "sent") == 5, "not all sent")
+        wait_until(
+            lambda: count(sessions, Transmission, Transmission.state == "sent") == RESULTS_PER_STUDY,
+            "not all sent",
+        )
 
     assert elapsed >= FAST["grace_seconds"]  # not before the grace period was over
     results = results_in(pacs)
@@ -331,7 +354,7 @@ def test_modality_to_node_to_pacs_with_the_audit_timeline(
         *["instance.received"] * 4,
         "study.ready",
         "study.scored",
-        *["result.sent"] * 5,
+        *["result.sent"] * RESULTS_PER_STUDY,
     ]
     accepted = timeline[0]
     assert accepted["calling_ae"] == MODALITY_AE and accepted["peer"].startswith(f"{LOOPBACK}:")
@@ -363,12 +386,15 @@ def test_pacs_sends_a_study_to_the_node_and_gets_the_results_back(
     job = pacs.send_to_modality("mammonode", [orthanc_study])
     assert job.get("FailedInstancesCount", 0) == 0 and job.get("InstancesCount") == 4, job
 
-    wait_for_exactly(pacs, 4 + 5)
+    wait_for_exactly(pacs, 4 + RESULTS_PER_STUDY)
     results = results_in(pacs)
     assert sorted(str(ds.SOPInstanceUID) for ds in results.others) == sorted(sent)
     patient_id = str(results.others[0].PatientID)
     assert_one_result_set(results, study_uid, patient_id, sent)
-    wait_until(lambda: count(sessions, Transmission, Transmission.state == "sent") == 5, "not all sent")
+    wait_until(
+        lambda: count(sessions, Transmission, Transmission.state == "sent") == RESULTS_PER_STUDY,
+        "not all sent",
+    )
     all_sent_once(sessions)
     (accepted,) = audit_events(sessions, "association.accepted")
     assert accepted.calling_ae == ORTHANC_AET
@@ -398,25 +424,28 @@ def test_a_node_killed_before_sending_delivers_exactly_one_set_after_restart(
 
         def tried_and_failed() -> bool:
             states = transmission_states(sessions)
-            return len(states) == 5 and all(s == "failed" and n >= 1 for s, n in states)
+            return len(states) == RESULTS_PER_STUDY and all(s == "failed" and n >= 1 for s, n in states)
 
         wait_until(tried_and_failed, "results were not tried against the absent PACS")
         node.process.send_signal(signal.SIGKILL)
         assert node.process.wait(30) == -signal.SIGKILL
-    assert count(sessions, OutputObject) == 5
+    assert count(sessions, OutputObject) == RESULTS_PER_STUDY
     assert audit_events(sessions, "result.sent") == []
 
     pacs = orthanc(node_modality(port), http_port=http_port, dicom_port=dicom_port)
     assert pacs.instances() == []
     with serve(config, port, tmp_path / "serve-2.log") as node:
-        wait_for_exactly(pacs, 5)
-        wait_until(lambda: count(sessions, Transmission, Transmission.state == "sent") == 5, "not all sent")
+        wait_for_exactly(pacs, RESULTS_PER_STUDY)
+        wait_until(
+            lambda: count(sessions, Transmission, Transmission.state == "sent") == RESULTS_PER_STUDY,
+            "not all sent",
+        )
         node.process.send_signal(signal.SIGTERM)
         assert node.process.wait(60) == 0, node.log_tail()
 
     assert_one_result_set(results_in(pacs), study_uid, patient_id, sent)
     all_sent_once(sessions)
-    assert count(sessions, Job) == 1 and count(sessions, OutputObject) == 5
+    assert count(sessions, Job) == 1 and count(sessions, OutputObject) == RESULTS_PER_STUDY
     assert len(audit_events(sessions, "study.scored")) == 1  # the restart did not score it again
     assert len(audit_events(sessions, "node.started")) == 2
 
@@ -437,22 +466,27 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_once_it_is_back(
     assert_storescu_ok(storescu(j2k_study, port, aec=NODE_AE, aet=MODALITY_AE))
 
     wait_until(
-        lambda: len({e.sop_instance_uid for e in audit_events(sessions, "result.failed")}) == 5,
+        lambda: (
+            len({e.sop_instance_uid for e in audit_events(sessions, "result.failed")}) == RESULTS_PER_STUDY
+        ),
         "the node did not try the dead PACS",
     )
-    assert [state for state, _ in transmission_states(sessions)] == ["failed"] * 5
+    assert [state for state, _ in transmission_states(sessions)] == ["failed"] * RESULTS_PER_STUDY
     failed = audit_events(sessions, "result.failed")[0]
     assert failed.peer == pacs.destination and failed.details and failed.details["retry_in_seconds"] > 0
 
     pacs.start()  # same ports, same (empty) storage
-    wait_for_exactly(pacs, 5)
+    wait_for_exactly(pacs, RESULTS_PER_STUDY)
     assert_one_result_set(
         results_in(pacs),
         study_uid_of(j2k_study),
         str(dcmread(j2k_study[0], stop_before_pixels=True).PatientID),
         sop_uids(j2k_study),
     )
-    wait_until(lambda: count(sessions, Transmission, Transmission.state == "sent") == 5, "not all sent")
+    wait_until(
+        lambda: count(sessions, Transmission, Transmission.state == "sent") == RESULTS_PER_STUDY,
+        "not all sent",
+    )
     all_sent_once(sessions)
     assert all(attempts >= 2 for _, attempts in transmission_states(sessions))
     assert audit_events(sessions, "result.dead") == []
@@ -508,7 +542,7 @@ def test_a_late_view_produces_a_second_version_and_both_are_kept(
     study_uid, sent = study_uid_of(j2k_study), sop_uids(j2k_study)
     first = dcmread(j2k_study[0], stop_before_pixels=True)
     assert_storescu_ok(storescu(j2k_study, port, aec=NODE_AE, aet=MODALITY_AE))
-    wait_for_exactly(pacs, 5)
+    wait_for_exactly(pacs, RESULTS_PER_STUDY)
     v1 = results_in(pacs)
 
     late = tmp_path / "late-L_CC.dcm"
@@ -524,14 +558,14 @@ def test_a_late_view_produces_a_second_version_and_both_are_kept(
     )
     assert late_uid not in sent
     assert_storescu_ok(storescu([late], port, aec=NODE_AE, aet=MODALITY_AE))
-    wait_for_exactly(pacs, 5 + 4)  # 3 left CAMs (L-CC, L-MLO, the late L-CC) + a new SR
+    wait_for_exactly(pacs, RESULTS_PER_STUDY + 5)  # 3 left CAMs (L-CC, L-MLO, late L-CC), 2 new SRs
 
-    v1_uids = {str(ds.SOPInstanceUID) for ds in [*v1.captures, *v1.reports]}
+    v1_uids = {str(ds.SOPInstanceUID) for ds in [*v1.captures, *v1.reports, *v1.cad_reports]}
     both = results_in(pacs)
     new_captures = [ds for ds in both.captures if str(ds.SOPInstanceUID) not in v1_uids]
     (old_report,) = v1.reports
     (new_report,) = [ds for ds in both.reports if str(ds.SOPInstanceUID) not in v1_uids]
-    assert len(both.reports) == 2 and len(both.captures) == 4 + 3
+    assert len(both.reports) == len(both.cad_reports) == 2 and len(both.captures) == 4 + 3
     left = [uid for uid, path in zip(sent, j2k_study, strict=True) if path.name.startswith("L_")]
     assert sorted(source_uid(c) for c in new_captures) == sorted([*left, late_uid])
     assert {str(c.ImageLaterality) for c in new_captures} == {"L"}
@@ -543,7 +577,10 @@ def test_a_late_view_produces_a_second_version_and_both_are_kept(
     for ds in [*new_captures, new_report]:
         assert str(ds.StudyInstanceUID) == study_uid
 
-    wait_until(lambda: count(sessions, Transmission, Transmission.state == "sent") == 9, "not all sent")
+    wait_until(
+        lambda: count(sessions, Transmission, Transmission.state == "sent") == RESULTS_PER_STUDY + 5,
+        "not all sent",
+    )
     with sessions() as session:
         jobs = list(session.scalars(select(Job).order_by(Job.version)))
         assert [(j.version, j.lateralities, j.state) for j in jobs] == [(1, "LR", "done"), (2, "L", "done")]

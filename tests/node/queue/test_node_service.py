@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from peers import free_port, storage_scp, write_study
 from pydicom import dcmread
+from pydicom.uid import Comprehensive3DSRStorage, MammographyCADSRStorage
 from pynetdicom.status import Status
 from queue_helpers import c_store, events, referenced_uids
 from sqlalchemy import func, select
@@ -19,6 +20,9 @@ from inference.uids import derive_uid
 from node.config import Destination, NodeConfig
 from node.db.models import Job, OutputObject, Transmission
 from node.service import Node
+
+RESULTS_PER_STUDY = 6
+"""4 CAM captures, the score report and the Mammography CAD SR of a 4-view study."""
 
 STUDY = derive_uid("tests", "node-service")
 
@@ -82,27 +86,30 @@ def test_a_study_sent_to_the_node_comes_back_as_captures_and_a_report(
         node.start()
         try:
             assert c_store(study_files, node.config.port) == [int(Status.SUCCESS)] * 4
-            received = pacs.wait_for(5, timeout=120)
-            _wait(lambda: _sent(sessions) == 5)
+            received = pacs.wait_for(RESULTS_PER_STUDY, timeout=120)
+            _wait(lambda: _sent(sessions) == RESULTS_PER_STUDY)
         finally:
             node.stop()
         time.sleep(0.3)
-        assert len(pacs.received) == 5  # nothing sent twice
+        assert len(pacs.received) == RESULTS_PER_STUDY  # nothing sent twice
 
     assert {r.calling_ae for r in received} == {"MAMMONODE"}
     datasets = [r.dataset for r in received]
     assert {str(ds.StudyInstanceUID) for ds in datasets} == {STUDY}
     captures = [ds for ds in datasets if "SourceImageSequence" in ds]
-    (report,) = [ds for ds in datasets if "SourceImageSequence" not in ds]
+    reports = [ds for ds in datasets if "SourceImageSequence" not in ds]
+    assert sorted(str(ds.SOPClassUID) for ds in reports) == sorted(
+        [Comprehensive3DSRStorage, MammographyCADSRStorage]
+    )
     assert {str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in captures} == sent_uids
-    assert referenced_uids(report) >= sent_uids
+    assert all(referenced_uids(report) >= sent_uids for report in reports)
 
     timeline = [e.event for e in events(sessions, "node.started") + events(sessions, "node.stopped")]
     assert timeline == ["node.started", "node.stopped"]
     assert len(events(sessions, "instance.received")) == 4
     assert len(events(sessions, "study.ready")) == 1
     assert len(events(sessions, "study.scored")) == 1
-    assert len(events(sessions, "result.sent")) == 5
+    assert len(events(sessions, "result.sent")) == RESULTS_PER_STUDY
 
     # Application logs (every logger, DEBUG up) name UIDs, never the patient; the audit log does.
     assert caplog.records, "the node logged nothing at all: the check below would prove nothing"
@@ -123,7 +130,7 @@ def test_results_wait_through_a_restart_for_a_destination_that_was_down(
         def failed_once() -> bool:
             with sessions() as session:
                 states = session.scalars(select(Transmission.state)).all()
-            return len(states) == 5 and set(states) == {"failed"}
+            return len(states) == RESULTS_PER_STUDY and set(states) == {"failed"}
 
         _wait(failed_once, timeout=120)
     finally:
@@ -135,11 +142,14 @@ def test_results_wait_through_a_restart_for_a_destination_that_was_down(
         node.start()
         try:
             pacs.wait_for(5, timeout=60)
-            _wait(lambda: _sent(sessions) == 5)
+            _wait(lambda: _sent(sessions) == RESULTS_PER_STUDY)
         finally:
             node.stop()
         time.sleep(0.3)
-        assert len(pacs.received) == 5 and len(set(pacs.sop_instance_uids())) == 5
+        assert (
+            len(pacs.received) == RESULTS_PER_STUDY
+            and len(set(pacs.sop_instance_uids())) == RESULTS_PER_STUDY
+        )
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 1
-        assert session.scalar(select(func.count()).select_from(OutputObject)) == 5
+        assert session.scalar(select(func.count()).select_from(OutputObject)) == RESULTS_PER_STUDY

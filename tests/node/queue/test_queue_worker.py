@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from peers import write_mammogram, write_study
 from pydicom import dcmread
+from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage, MammographyCADSRStorage
 from queue_helpers import T0, events, make_config, referenced_uids, spool_file, study_row
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -137,9 +138,9 @@ def test_a_study_is_scored_into_traceable_scores_outputs_and_transmissions(
     breasts = {s.laterality: s for s in scores if s.level == "breast"}
     assert set(breasts) == {"L", "R"} and exam.probability == max(b.probability for b in breasts.values())
 
-    # Outputs: one CAM SC per image and one SR, as files in outbox/<study>/<sop>.dcm.
+    # Outputs: one CAM SC per image, the report and the CAD SR, as files in outbox/<study>/<sop>.dcm.
     outputs = _outputs(sessions)
-    assert sorted(o.kind for o in outputs) == ["SC"] * 4 + ["SR"]
+    assert sorted(o.kind for o in outputs) == ["CAD"] + ["SC"] * 4 + ["SR"]
     sc_sources: set[str] = set()
     for output in outputs:
         path = config.outbox_dir / output.outbox_path
@@ -181,6 +182,31 @@ def test_a_study_is_scored_into_traceable_scores_outputs_and_transmissions(
     assert Worker(config, sessions).run_once() == 0  # nothing left
 
 
+def test_presentation_states_when_asked_for_one_per_image_with_its_transmissions(
+    sessions: sessionmaker[Session], tmp_path: Path, test_model: Path, studies: dict[str, list[Path]]
+) -> None:
+    config = _config(tmp_path, test_model, write_presentation_states=True)
+    (job_id,) = _queue(sessions, config, studies["a"])
+    assert Worker(config, sessions).run_once() == 1
+
+    outputs = _outputs(sessions, job_id)
+    assert sorted(o.kind for o in outputs) == ["CAD"] + ["PR"] * 4 + ["SC"] * 4 + ["SR"]
+    sources = {_uid(p) for p in studies["a"]}
+    referenced = set()
+    for output in (o for o in outputs if o.kind == "PR"):
+        ds = dcmread(config.outbox_dir / output.outbox_path)
+        assert ds.SOPClassUID == GrayscaleSoftcopyPresentationStateStorage
+        (image,) = ds.ReferencedSeriesSequence[0].ReferencedImageSequence
+        referenced.add(str(image.ReferencedSOPInstanceUID))
+        assert output.source_uids == {"sop_instance_uids": [str(image.ReferencedSOPInstanceUID)]}
+    assert referenced == sources
+    (cad,) = [o for o in outputs if o.kind == "CAD"]
+    assert dcmread(config.outbox_dir / cad.outbox_path).SOPClassUID == MammographyCADSRStorage
+    with sessions() as session:
+        sends = list(session.scalars(select(Transmission)))
+    assert len(sends) == len(outputs) * len(DESTINATIONS)
+
+
 def test_a_late_image_gives_version_2_with_that_breasts_captures_and_a_new_report(
     sessions: sessionmaker[Session], tmp_path: Path, test_model: Path, studies: dict[str, list[Path]]
 ) -> None:
@@ -196,9 +222,9 @@ def test_a_late_image_gives_version_2_with_that_breasts_captures_and_a_new_repor
     assert worker.run_once() == 1
 
     v1, v2 = _outputs(sessions, first), _outputs(sessions, second)
-    assert len(v1) == 5  # version 1 is kept
+    assert len(v1) == 6  # version 1 is kept
     left = {_uid(p) for p in studies["a"][:2]} | {_uid(studies["late"][0])}
-    assert sorted(o.kind for o in v2) == ["SC"] * 3 + ["SR"]
+    assert sorted(o.kind for o in v2) == ["CAD"] + ["SC"] * 3 + ["SR"]
     assert {o.source_uids["sop_instance_uids"][0] for o in v2 if o.kind == "SC" and o.source_uids} == left
     (sr1,) = [o for o in v1 if o.kind == "SR"]
     (sr2,) = [o for o in v2 if o.kind == "SR"]
@@ -234,7 +260,7 @@ def test_an_unreadable_spooled_image_is_skipped_and_the_rest_scored(
     (failed,) = events(sessions, "image.failed")
     assert failed.sop_instance_uid == broken_uid and failed.details["stage"] == "decode"
     assert sum(s.level == "image" for s in _scores(sessions, job_id)) == 3
-    assert sorted(o.kind for o in _outputs(sessions)) == ["SC"] * 3 + ["SR"]
+    assert sorted(o.kind for o in _outputs(sessions)) == ["CAD"] + ["SC"] * 3 + ["SR"]
     assert study_row(sessions, STUDY_A).state == "scored"
     # The report is PARTIAL and says which image was not analysed, and why.
     (sr_row,) = [o for o in _outputs(sessions) if o.kind == "SR"]
@@ -276,7 +302,7 @@ def test_patient_attributes_that_cannot_be_copied_are_left_out_not_fatal(
 
     assert _job(sessions, job_id).state == "done"
     outputs = _outputs(sessions, job_id)
-    assert sorted(o.kind for o in outputs) == ["SC"] * 4 + ["SR"]
+    assert sorted(o.kind for o in outputs) == ["CAD"] + ["SC"] * 4 + ["SR"]
     for output in outputs:
         ds = dcmread(node_config.outbox_dir / output.outbox_path)
         assert "PHIPROBE" not in str(ds.get("PatientBirthDate", ""))
@@ -431,7 +457,7 @@ def test_two_workers_score_each_study_once(
     for job_id in jobs:
         assert _job(sessions, job_id).state == "done"
         assert len(_scores(sessions, job_id)) == 7
-    assert len(_outputs(sessions)) == 10
+    assert len(_outputs(sessions)) == 12
     assert len(events(sessions, "study.scored")) == 2
 
 
@@ -456,7 +482,7 @@ def test_a_run_killed_after_writing_files_is_resumed_with_one_set_of_results(
         with pytest.raises(Killed):
             Worker(config, sessions).run_once()
     written = sorted(p.name for p in (config.outbox_dir / STUDY_A).iterdir())
-    assert len(written) == 5 and _outputs(sessions) == []
+    assert len(written) == 6 and _outputs(sessions) == []
     assert _job(sessions, job_id).state == "claimed"
 
     # Restart: the claim is stale, the job runs again and lands once, under the same UIDs.
@@ -528,6 +554,13 @@ def test_the_pipeline_follows_the_configured_device_and_preprocessing(
             _config(tmp_path, test_model, **bad)
 
 
+def test_the_pipeline_fades_cam_maps_only_when_configured(tmp_path: Path, test_model: Path) -> None:
+    default = pipeline_factory(_config(tmp_path, test_model, backend="torch"))(test_model)
+    assert default.cam_opacity_follows_probability is False
+    fading = _config(tmp_path, test_model, backend="torch", cam_opacity_follows_probability=True)
+    assert pipeline_factory(fading)(test_model).cam_opacity_follows_probability is True
+
+
 def test_a_worker_with_dali_preprocessing_scores_like_the_cpu_path(
     sessions: sessionmaker[Session], tmp_path: Path, test_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -559,5 +592,5 @@ def test_a_worker_with_dali_preprocessing_scores_like_the_cpu_path(
     want = {s.meta.sop_instance_uid: s.probability for s in cpu.infer(prepared)}
     assert set(got) == set(want) and len(got) == 4
     assert max(abs(got[uid] - want[uid]) for uid in want) <= 0.02
-    assert sorted(o.kind for o in _outputs(sessions, job_id)) == ["SC"] * 4 + ["SR"]
+    assert sorted(o.kind for o in _outputs(sessions, job_id)) == ["CAD"] + ["SC"] * 4 + ["SR"]
     assert sum(by_dali) == 4, "every J2K image went through DALI, none fell back"

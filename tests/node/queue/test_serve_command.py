@@ -25,6 +25,9 @@ from inference.uids import derive_uid
 from node.commands import app as cli
 from node.db.models import Job, OutputObject, Score, Study, Transmission
 
+RESULTS_PER_STUDY = 6
+"""4 CAM captures, the score report and the Mammography CAD SR of a 4-view study."""
+
 MAMMONODE = Path(sys.executable).with_name("mammonode")
 STUDY = derive_uid("tests", "serve-command")
 
@@ -123,21 +126,24 @@ def test_a_node_killed_after_receiving_delivers_one_set_of_results_after_restart
     # Second life: the study is due at once, is scored and delivered; SIGTERM stops it cleanly.
     quick = _toml(tmp_path / "quick.toml", grace_seconds=0.2, study_quiet_seconds=30.0, **common)
     with storage_scp("PACS", port=pacs_port) as pacs, _serve(quick, port) as proc:
-        pacs.wait_for(5, timeout=120)
+        pacs.wait_for(RESULTS_PER_STUDY, timeout=120)
 
         def all_sent() -> bool:
             with sessions() as session:
                 states = session.scalars(select(Transmission.state)).all()
-            return len(states) == 5 and set(states) == {"sent"}
+            return len(states) == RESULTS_PER_STUDY and set(states) == {"sent"}
 
         _wait(all_sent, 60, "transmissions not marked sent")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-        assert len(pacs.received) == 5 and len(set(pacs.sop_instance_uids())) == 5
+        assert (
+            len(pacs.received) == RESULTS_PER_STUDY
+            and len(set(pacs.sop_instance_uids())) == RESULTS_PER_STUDY
+        )
     assert [e.event for e in events(sessions, "node.started")] == ["node.started"] * 2
     assert len(events(sessions, "node.stopped")) == 1  # the killed node never said goodbye
     with sessions() as session:
-        assert session.scalar(select(func.count()).select_from(OutputObject)) == 5
+        assert session.scalar(select(func.count()).select_from(OutputObject)) == RESULTS_PER_STUDY
 
 
 def _run(*args: str, env: dict[str, str]) -> tuple[int, str, str]:

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from typer.testing import CliRunner
 
-from inference.dicom_header import read_dataset, read_meta
+from inference.dicom_header import is_mammogram, read_dataset, read_meta
 from inference.types import RESEARCH_NOTICE
 from node.commands import app as cli
 from node.tools.demo import run_demo
@@ -60,10 +60,10 @@ def test_offline_demo_scores_one_cancer_and_one_normal_study_and_says_where_the_
             and f"P={study['exam_probability']:.3f} -> {decision}" in line
             for line in truth
         )
-    for sub in ("png", "sc", "sr"):
+    for sub in ("png", "sc", "sr", "cad"):
         assert any(str(out / sub) in line for line in lines), sub
     # The synthetic inputs were temporary; only the results stay in OUT.
-    assert sorted(p.name for p in out.iterdir()) == ["png", "sc", "sr", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["cad", "png", "sc", "sr", "summary.json"]
 
     # Same seed again into the same folder: the same objects, none added (invariant 6).
     before = _uids(out)
@@ -91,7 +91,9 @@ def test_demo_sends_the_studies_through_a_loopback_node_and_collects_what_it_ret
     for path in (out / "sc").glob("*.dcm"):
         ds = read_dataset(path)
         assert str(ds.StudyInstanceUID) in sent
-        assert read_meta(ds).modality == "OT"
+        meta = read_meta(ds)
+        # Hung like its source (modality MG), yet never taken for a mammogram to score again.
+        assert meta.modality == "MG" and is_mammogram(ds, meta)[0] is False
     lines = stdout.splitlines()
     assert any(line.startswith("sent 8 images over DICOM") for line in lines)
     truth = [line for line in lines if line.strip().startswith("patient ")]
@@ -106,7 +108,7 @@ def test_demo_sends_the_studies_through_a_loopback_node_and_collects_what_it_ret
     engine.dispose()
     assert events["instance.received"] == 8
     assert events["study.scored"] == 2
-    assert events["result.sent"] == 10
+    assert events["result.sent"] == 12  # per study: 4 captures, the report, the CAD SR
 
     # Again into the same folder: a new node, the same result objects (invariant 6).
     before = _uids(out)

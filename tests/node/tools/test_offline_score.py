@@ -212,22 +212,25 @@ def test_table_lists_exam_breast_and_image_rows_of_each_study(scored_table: tupl
     assert [row[: len(e)] for row, e in zip(rows, expected, strict=True)] == expected
 
 
-def test_one_sc_and_png_per_image_and_one_sr_per_study_named_by_their_uids(
+def test_one_sc_and_png_per_image_and_one_sr_and_cad_sr_per_study_named_by_their_uids(
     scored_json: tuple[Result, Path], sources: dict[str, Source]
 ) -> None:
     _, out = scored_json
     summary = _summary(out)
     sc_files = sorted((out / "sc").glob("*.dcm"))
     sr_files = sorted((out / "sr").glob("*.dcm"))
+    cad_files = sorted((out / "cad").glob("*.dcm"))
     png_files = sorted((out / "png").glob("*.png"))
     assert len(sc_files) == len(png_files) == len(sources)
-    assert len(sr_files) == len({s.study_uid for s in sources.values()})
+    assert len(sr_files) == len(cad_files) == len({s.study_uid for s in sources.values()})
+    assert {p.stem for p in cad_files} == {s["cad_sr_sop_instance_uid"] for s in summary["studies"]}
+    assert not (out / "pr").exists()  # presentation states only when asked for
     assert {p.stem for p in png_files} == set(sources)
     assert {p.stem for p in sc_files} == {
         i["cam_sc_sop_instance_uid"] for s in summary["studies"] for i in s["images"]
     }
     assert {p.stem for p in sr_files} == {s["sr_sop_instance_uid"] for s in summary["studies"]}
-    for kind, files in (("sc", sc_files), ("sr", sr_files), ("png", png_files)):
+    for kind, files in (("sc", sc_files), ("sr", sr_files), ("cad", cad_files), ("png", png_files)):
         assert sorted(Path(p).resolve() for p in summary["written"][kind]) == [p.resolve() for p in files]
 
 
@@ -254,8 +257,8 @@ def test_every_transfer_syntax_of_the_generator_is_scored(
 @pytest.mark.dcmtk
 def test_every_written_object_passes_dciodvfy(scored_json: tuple[Result, Path]) -> None:
     _, out = scored_json
-    files = sorted((out / "sc").glob("*.dcm")) + sorted((out / "sr").glob("*.dcm"))
-    assert files
+    files = [p for sub in ("sc", "sr", "cad") for p in sorted((out / sub).glob("*.dcm"))]
+    assert {p.parent.name for p in files} == {"sc", "sr", "cad"}
     problems = {p.name: errors for p in files if (errors := _dciodvfy_errors(p))}
     assert problems == {}
 
@@ -278,6 +281,15 @@ def test_sc_joins_the_source_study_in_a_new_series_and_references_the_source(
         assert str(sc.StudyInstanceUID) == source.study_uid
         assert str(sc.SeriesInstanceUID) not in {s.series_uid for s in sources.values()}
         assert sc.ImageLaterality == source.laterality
+        # Placed like its source by a hanging protocol, on the source's grid (shrunk by a whole factor).
+        assert sc.Modality == "MG"
+        assert sc.ViewCodeSequence[0].CodeValue == {"CC": "399162004", "MLO": "399368009"}[source.view]
+        header = pydicom.dcmread(source.path, stop_before_pixels=True)
+        factor = -(-max(header.Rows, header.Columns) // 2048)
+        assert (sc.Rows, sc.Columns) == (header.Rows // factor, header.Columns // factor)
+        if "ImagerPixelSpacing" in header or "PixelSpacing" in header:
+            spacing = header.get("PixelSpacing") or header.ImagerPixelSpacing
+            assert [float(v) for v in sc.PixelSpacing] == pytest.approx([float(v) * factor for v in spacing])
         pixels = sc.pixel_array
         assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.dtype == np.uint8
         assert pixels.shape[:2] == (sc.Rows, sc.Columns)
@@ -288,15 +300,16 @@ def test_sc_joins_the_source_study_in_a_new_series_and_references_the_source(
     assert len(sc_series) == len({s.study_uid for s in sources.values()})
 
 
-def test_synthetic_data_notice_is_burned_in_as_a_banner_above_the_image(
+def test_synthetic_data_notice_is_burned_in_inside_the_image(
     scored_json: tuple[Result, Path],
     no_notice_model: Path,
     synth_root: Path,
     first_patient: str,
     tmp_path: Path,
 ) -> None:
-    """Same weights, with and without the synthetic-data flag: the picture with the notice is the
-    picture without it plus a banner on top, and the banner is not image content."""
+    """Same weights, with and without the synthetic-data flag: both captures have the source's
+    own grid (nothing is added around the image), and the notice is a red band burned into a
+    corner panel of the one with it; the rest of the picture is the same."""
     _, out = scored_json
     plain_out = tmp_path / "plain"
     result = _score(_patient_dir(synth_root, first_patient), "--out", plain_out, "--model", no_notice_model)
@@ -311,15 +324,17 @@ def test_synthetic_data_notice_is_burned_in_as_a_banner_above_the_image(
     with_notice, without = by_source(out), by_source(plain_out)
     assert without and set(without) <= set(with_notice)
     for uid, plain_sc in without.items():
-        noted = with_notice[uid].pixel_array
-        plain = plain_sc.pixel_array
-        banner = noted.shape[0] - plain.shape[0]
-        assert banner > 0 and noted.shape[1] == plain.shape[1]
-        np.testing.assert_array_equal(noted[banner:], plain)
-        top = noted[:banner].reshape(-1, 3)
-        assert (noted[0] == BANNER_RGB).all()  # padding row above the text
-        assert (top == (255, 255, 255)).all(axis=1).any()  # the text itself
-        assert not np.array_equal(noted[:banner], plain[:banner])
+        noted_sc = with_notice[uid]
+        noted, plain = noted_sc.pixel_array, plain_sc.pixel_array
+        assert noted.shape == plain.shape
+        assert (noted_sc.Rows, noted_sc.Columns) == (plain_sc.Rows, plain_sc.Columns)
+        red = np.all(noted == BANNER_RGB, axis=2)
+        assert red.any() and not np.all(plain == BANNER_RGB, axis=2).any()
+        rows, cols = np.nonzero(red)  # the band tops a panel in a corner: at a side, in one half
+        assert cols.min() == 0 or cols.max() == noted.shape[1] - 1
+        assert rows.max() < noted.shape[0] / 2 or rows.min() >= noted.shape[0] / 2
+        differ = np.any(noted != plain, axis=2)
+        assert 0 < differ.mean() < 0.5  # only the corner panel differs
         assert RESEARCH_NOTICE not in str(plain_sc.get("ImageComments", ""))
 
 
@@ -337,16 +352,22 @@ def test_sr_references_every_source_and_names_model_version_weights_and_notice(
         assert summary_srs[study_uid] == str(sr.SOPInstanceUID) == path.stem
         expected = {uid for uid, s in sources.items() if s.study_uid == study_uid}
         assert str(sr.PatientID) == {sources[uid].patient_id for uid in expected}.pop()
-        assert {sop for _, _, sop, _ in sr.get_evidence()} == expected
+        captures = {
+            str(ds.SOPInstanceUID)
+            for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in (out / "sc").glob("*.dcm"))
+            if str(ds.StudyInstanceUID) == study_uid
+        }
+        # The evidence: the scored images and the CAM captures the report references.
+        assert captures and {sop for _, _, sop, _ in sr.get_evidence()} == expected | captures
         report = sr.content
         assert isinstance(report, hd.sr.MeasurementReport)
-        groups = report.get_image_measurement_groups()
-        grouped = {
-            str(ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-            for group in groups
-            for ref in group.source_images
+        groups = report.get_planar_roi_measurement_groups()
+        regions = [group.roi for group in groups]
+        assert groups and all(roi is not None for roi in regions), "every group needs an image region"
+        placed_on = {
+            str(roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for roi in regions
         }
-        assert grouped == expected
+        assert placed_on == expected
 
         texts = _content_texts(sr.ContentSequence)
         versions = {text for code, text in texts if code == codes.DCM.AlgorithmVersion.value}
@@ -363,8 +384,29 @@ def test_sr_references_every_source_and_names_model_version_weights_and_notice(
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.dcmtk
+def test_presentation_states_when_asked_for_reference_each_image_and_pass_dciodvfy(
+    synth_root: Path, test_model: Path, first_patient: str, sources: dict[str, Source], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    result = _score(
+        _patient_dir(synth_root, first_patient), "--out", out, "--model", test_model, "--presentation-states"
+    )
+    assert result.exit_code == 0, result.output
+    states = sorted((out / "pr").glob("*.dcm"))
+    mine = {uid for uid, s in sources.items() if s.patient_id == first_patient}
+    referenced = set()
+    for path in states:
+        ds = pydicom.dcmread(path)
+        referenced.add(
+            str(ds.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID)
+        )
+        assert _dciodvfy_errors(path) == []
+    assert referenced == mine and len(states) == len(mine)
+
+
 def _result_uids(out: Path) -> set[str]:
-    return {p.stem for sub in ("sc", "sr") for p in (out / sub).glob("*.dcm")}
+    return {p.stem for sub in ("sc", "sr", "cad") for p in (out / sub).glob("*.dcm")}
 
 
 def test_rescoring_the_same_inputs_gives_the_same_uids(
@@ -397,7 +439,7 @@ def test_rescoring_a_folder_that_holds_the_previous_results_reads_only_the_image
     assert second.exit_code == 0, second.stderr
     assert "skipped" not in second.stderr
     assert _summary(out)["skipped"] == []
-    assert _result_uids(out) == uids and len(uids) == len(list(folder.glob("*.dcm"))) + 1
+    assert _result_uids(out) == uids and len(uids) == len(list(folder.glob("*.dcm"))) + 2
 
 
 def test_different_weights_give_different_uids(
@@ -416,7 +458,7 @@ def test_different_weights_give_different_uids(
     assert result.exit_code == 0, result.stderr
     patient_images = {uid for uid, s in sources.items() if s.patient_id == first_patient}
     other = _result_uids(out)
-    assert len(other) == len(patient_images) + 1  # one SC per image, one SR
+    assert len(other) == len(patient_images) + 2  # one SC per image, the SR and the CAD SR
     assert other.isdisjoint(_result_uids(first))
     # ...while describing the very same source images.
     refs = {
