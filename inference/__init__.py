@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from inference.aggregation import aggregate_studies
     from inference.backends.base import Backend, BackendUnavailable
     from inference.backends.cuda_runtime import gpu_info, gpu_unavailable_reason
-    from inference.backends.registry import load_backend
+    from inference.backends.loader import load_backend
     from inference.backends.tensorrt_build import build_engine, precision_of
     from inference.batching import score_stream
     from inference.bundled import BUNDLED_MODEL_DIR, bundled_model_dir, resolve_model_dir
@@ -115,7 +115,7 @@ _EXPORTS: dict[str, str] = {
     "is_valid_uid": "inference.uids",
     "json_safe": "inference.jsonsafe",
     "limit_heap_growth": "inference.pixel_pool",
-    "load_backend": "inference.backends.registry",
+    "load_backend": "inference.backends.loader",
     "load_manifest": "inference.manifest",
     "parse_device": "inference.device",
     "precision_of": "inference.backends.tensorrt_build",

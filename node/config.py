@@ -36,7 +36,7 @@ class UnknownSopClasses(StrEnum):
 
 
 class InferenceBackend(StrEnum):
-    """The ``backend`` setting: a name :func:`inference.backends.registry.load_backend` knows."""
+    """The ``backend`` setting: a name :func:`inference.backends.loader.load_backend` knows."""
 
     AUTO = "auto"
     """ONNX Runtime when the model ships an ONNX export, else torch."""

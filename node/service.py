@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from inference import describe, limit_heap_growth, quiet_value_checks, scrub_library_logs, where
 from node import audit
-from node.admin.models import PipelineFactory
+from node.admin.registry import PipelineFactory
 from node.config import NodeConfig
 from node.db.session import make_engine, session_factory
 from node.queue.assembly import promote_ready

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from inference.aggregation import AGGREGATIONS
-from inference.backends.registry import load_backend
+from inference.backends.loader import load_backend
 from inference.bundled import resolve_model_dir
 from inference.manifest import ModelManifest, save_manifest
 from inference.types import InputError, PreprocessConfig

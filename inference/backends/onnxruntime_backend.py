@@ -4,7 +4,7 @@ This is what a base install serves with: the graph from `mammonode export onnx`,
 the manifest's SHA-256, run by ONNX Runtime with every graph optimisation on. On a small CPU box it
 is several times faster than torch eager on the same model (design notes: 2-4x on 2 cores).
 
-Imports onnxruntime; loaded lazily by :mod:`inference.backends.registry`.
+Imports onnxruntime; loaded lazily by :mod:`inference.backends.loader`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ not torch, so a GPU node needs no torch. Inference uses the TensorRT 10 name-bas
 batch (copied into the input buffer); :meth:`infer_device` takes a batch already on the GPU (the
 DALI preprocessing output) and binds its memory directly, so it never travels through the host.
 
-Imports tensorrt; loaded lazily by :mod:`inference.backends.registry`.
+Imports tensorrt; loaded lazily by :mod:`inference.backends.loader`.
 """
 
 from __future__ import annotations

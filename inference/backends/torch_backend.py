@@ -1,6 +1,6 @@
 """PyTorch backend: eager inference on CPU or CUDA, the reference the other backends must match.
 
-Imports torch; loaded lazily by :mod:`inference.backends.registry`.
+Imports torch; loaded lazily by :mod:`inference.backends.loader`.
 """
 
 from __future__ import annotations

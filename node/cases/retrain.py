@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from inference import CSV_NAME, IMAGES_DIR, RSNA_COLUMNS, MammoNodeError, json_safe, load_manifest
 from node import audit
-from node.admin.models import register_model, select_model_dir
+from node.admin.registry import register_model, select_model_dir
 from node.cases.export_cases import (
     ExportSummary,
     export_cases,

@@ -5,7 +5,9 @@
 SQLAlchemy engine, no ``training``): `mammonode --help` must start fast and work in a serving
 install without the training extra. Commands parse arguments, call library functions and print;
 the training and export commands import ``training`` inside their functions only. Modules whose
-name starts with ``_`` are shared helpers, not command modules.
+name starts with ``_`` are shared helpers, not command modules. A command module shares its name
+with the library module it is the command line of (``bench``, ``demo``, ``queue``, ``retrain``,
+``registry``, ``service``), never with an unrelated one.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ MODULES: tuple[str, ...] = (
     "db",
     "audit",
     "queue",
-    "model",
+    "registry",
     "retrain",
     "bench",
 )

@@ -32,7 +32,7 @@ def demo(
     from node.tools.demo import ScoreStep, offline_step, run_demo
 
     try:
-        from training.synth.studies import synthesise_studies
+        from training.synth.synthesise import synthesise_studies
     except ImportError as exc:
         hint = "pip install 'mammonode[train]'"
         typer.echo(f"error: mammonode demo needs the training extra ({exc.name} missing): {hint}", err=True)

@@ -51,8 +51,8 @@ from inference import (
     where,
 )
 from node import audit
-from node.admin.models import PipelineFactory, ensure_registered, select_model_dir
-from node.admin.models import pipeline_factory as default_pipeline_factory
+from node.admin.registry import PipelineFactory, ensure_registered, select_model_dir
+from node.admin.registry import pipeline_factory as default_pipeline_factory
 from node.config import NodeConfig
 from node.db.models import Breast, Instance, Job, Score, Study, utcnow
 from node.db.states import JobState, StudyState, check_transition, move
@@ -106,7 +106,7 @@ class Worker:
     """Scores claimed jobs with the serving model; ``run_once`` is one claim-score-commit round.
 
     ``pipeline_factory`` builds a pipeline for a model folder; the default loads ``config.backend``.
-    The model folder is chosen by :func:`node.admin.models.select_model_dir` before every round, so
+    The model folder is chosen by :func:`node.admin.registry.select_model_dir` before every round, so
     a promotion takes effect for the next job without a restart. ``decode_pool`` decodes a job's
     images in parallel (default: the process-wide pool of one worker process per CPU).
     """

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 class DemoStudy(Protocol):
-    """One synthesised study and its ground truth (made by training.synth.studies)."""
+    """One synthesised study and its ground truth (made by training.synth.synthesise)."""
 
     @property
     def patient_id(self) -> str: ...

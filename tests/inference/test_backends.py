@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.backends import registry
+from inference.backends import loader
 from inference.backends.base import Backend, BackendUnavailable
 
 
@@ -50,13 +50,13 @@ def test_torch_backend_chunks_and_matches_the_model(model_dir: Path) -> None:
     ],
 )
 def test_torch_backend_rejects_bad_batches(model_dir: Path, bad: np.ndarray) -> None:
-    backend = registry.load_backend("torch", model_dir)
+    backend = loader.load_backend("torch", model_dir)
     with pytest.raises(ValueError):
         backend.infer(bad)
 
 
 def test_registry_lists_every_backend_with_a_reason() -> None:
-    available = registry.available_backends()
+    available = loader.available_backends()
     assert set(available) >= {"torch", "onnxruntime", "tensorrt"}
     assert available["onnxruntime"] is None  # a base-install dependency
 
@@ -68,28 +68,28 @@ def test_registry_lists_every_backend_with_a_reason() -> None:
 def test_registry_reports_a_missing_package_and_how_to_get_it(
     monkeypatch: pytest.MonkeyPatch, model_dir: Path, backend: str, package: str, hint: str
 ) -> None:
-    monkeypatch.setattr(registry, "_package_installed", lambda name: name != package)
-    reason = registry.available_backends()[backend]
+    monkeypatch.setattr(loader, "_package_installed", lambda name: name != package)
+    reason = loader.available_backends()[backend]
     assert reason is not None and reason.startswith(f"package {package} not installed") and hint in reason
     with pytest.raises(BackendUnavailable, match=f"package {package} not installed") as info:
-        registry.load_backend(backend, model_dir)
+        loader.load_backend(backend, model_dir)
     assert info.value.reason == reason and info.value.backend == backend
 
 
 def test_registry_loads_torch_and_refuses_unknown_backends(model_dir: Path) -> None:
     pytest.importorskip("torch")
-    assert registry.available_backends()["torch"] is None
-    backend = registry.load_backend("torch", model_dir)
+    assert loader.available_backends()["torch"] is None
+    backend = loader.load_backend("torch", model_dir)
     assert backend.name == "torch" and backend.manifest.name == "t"
     with pytest.raises(BackendUnavailable, match="unknown backend"):
-        registry.load_backend("openvino", model_dir)
+        loader.load_backend("openvino", model_dir)
 
 
 def test_registry_says_when_a_model_has_no_onnx_export(model_dir: Path) -> None:
     with pytest.raises(
         BackendUnavailable, match=r"model has no ONNX export: run `mammonode export onnx"
     ) as info:
-        registry.load_backend("onnxruntime", model_dir)
+        loader.load_backend("onnxruntime", model_dir)
     assert info.value.backend == "onnxruntime"
 
 
@@ -97,17 +97,17 @@ def test_auto_picks_onnxruntime_when_the_model_ships_onnx_else_torch(tmp_path: P
     import dataclasses
     import shutil
 
-    from inference.backends.registry import resolve_auto
+    from inference.backends.loader import resolve_auto
     from inference.bundled import bundled_model_dir
     from inference.manifest import load_manifest, save_manifest
 
     bundled = bundled_model_dir()
     assert resolve_auto(bundled) == "onnxruntime"
-    assert registry.load_backend("auto", bundled).name == "onnxruntime"
+    assert loader.load_backend("auto", bundled).name == "onnxruntime"
     plain = tmp_path / "plain"
     plain.mkdir()
     manifest = load_manifest(bundled)
     shutil.copy(bundled / manifest.weights_file, plain / manifest.weights_file)
     save_manifest(dataclasses.replace(manifest, onnx_file=None, onnx_sha256=None), plain)
     assert resolve_auto(plain) == "torch"
-    assert registry.load_backend("auto", plain).name == "torch"
+    assert loader.load_backend("auto", plain).name == "torch"

@@ -61,7 +61,7 @@ def torch_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     pytest.importorskip("torch")
     from model_factory import save_calibrated_model
 
-    from inference.backends.registry import load_backend
+    from inference.backends.loader import load_backend
 
     model_dir = save_calibrated_model(tmp_path_factory.mktemp("model") / "m", grid=GRID, seed=3)
     return Pipeline(load_backend("torch", model_dir), batch_size=3)

@@ -20,8 +20,8 @@ from pydicom.dataset import Dataset
 
 from inference.backends import onnxruntime_backend as ortb
 from inference.backends.base import Backend, BackendUnavailable
+from inference.backends.loader import load_backend
 from inference.backends.parity import compare_outputs
-from inference.backends.registry import load_backend
 from inference.dicom_header import read_meta
 from inference.pipeline import Pipeline
 from inference.types import SCREENING_VIEWS, InputError

@@ -14,7 +14,7 @@ import pytest
 from peers import write_study
 
 from inference.aggregation import aggregate_studies
-from inference.backends.registry import load_backend
+from inference.backends.loader import load_backend
 from inference.dicom_header import read_dataset, read_meta
 from inference.marks import cam_marks
 from inference.pipeline import Pipeline, PreparedImage, StudyOutputs, prepare_image

@@ -18,7 +18,7 @@ from peers import write_study
 
 import inference.pipeline
 from inference.aggregation import aggregate_studies
-from inference.backends.registry import load_backend
+from inference.backends.loader import load_backend
 from inference.dicom_header import read_dataset, read_meta
 from inference.pipeline import Pipeline, prepare_image
 from inference.pixel_pool import CHILD_DIED, PixelPool

@@ -305,7 +305,7 @@ def test_prepare_refuses_more_than_its_batch() -> None:
 def test_pipeline_scores_the_same_with_dali(parity_datasets: list[Dataset]) -> None:
     """Pipeline.prepare_and_infer with DALI (and a fallback, and a failure) vs without."""
     pytest.importorskip("torch")
-    from inference.backends.registry import load_backend
+    from inference.backends.loader import load_backend
     from inference.bundled import bundled_model_dir
     from inference.pipeline import Pipeline
 

@@ -194,9 +194,9 @@ def _parity_inputs(model_dir: Path, count: int) -> np.ndarray:
 
 @pytest.mark.gpu
 def test_fp32_engine_matches_onnxruntime_and_is_cached(onnx_model: Path) -> None:
+    from inference.backends.loader import load_backend
     from inference.backends.onnxruntime_backend import OnnxRuntimeBackend
     from inference.backends.parity import compare_outputs
-    from inference.backends.registry import load_backend
 
     built = build_engine(onnx_model, precision="fp32", max_batch=4)
     assert not built.cached and built.path.is_file()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.backends import registry
+from inference.backends import loader
 from inference.backends.base import BackendUnavailable
 from inference.backends.cuda_runtime import CudaArray, gpu_unavailable_reason, parse_device
 from inference.backends.tensorrt_engines import (
@@ -128,18 +128,18 @@ def test_malformed_engine_entries_are_refused(bad: dict[str, object]) -> None:
 
 
 def test_registry_says_tensorrt_package_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "_package_installed", lambda name: name != "tensorrt")
-    reason = registry.available_backends()["tensorrt"]
+    monkeypatch.setattr(loader, "_package_installed", lambda name: name != "tensorrt")
+    reason = loader.available_backends()["tensorrt"]
     assert reason is not None and reason.startswith("package tensorrt not installed")
     assert "pypi.nvidia.com" in reason
     with pytest.raises(BackendUnavailable, match="package tensorrt not installed"):
-        registry.load_backend("tensorrt", Path(), device="cuda:0")
+        loader.load_backend("tensorrt", Path(), device="cuda:0")
 
 
 def test_registry_asks_cuda_when_tensorrt_is_there(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the package check the registry reports the GPU probe's answer, whatever it is here."""
-    monkeypatch.setattr(registry, "_package_installed", lambda name: True)
-    assert registry.available_backends()["tensorrt"] == gpu_unavailable_reason(0)
+    monkeypatch.setattr(loader, "_package_installed", lambda name: True)
+    assert loader.available_backends()["tensorrt"] == gpu_unavailable_reason(0)
 
 
 def test_gpu_probe_answers_in_one_line() -> None:

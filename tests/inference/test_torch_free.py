@@ -35,11 +35,11 @@ sys.meta_path.insert(0, _Unimportable())
 
 IMPORTS = """
 import inference.manifest, inference.cam, inference.aggregation
-import inference.backends.base, inference.backends.registry
-avail = inference.backends.registry.available_backends()
+import inference.backends.base, inference.backends.loader
+avail = inference.backends.loader.available_backends()
 assert avail["torch"] is not None and avail["onnxruntime"] is None, avail
 try:
-    inference.backends.registry.load_backend("torch", __import__("pathlib").Path("."))
+    inference.backends.loader.load_backend("torch", __import__("pathlib").Path("."))
 except inference.backends.base.BackendUnavailable as exc:
     print("refused:", exc.reason)
 """
@@ -60,7 +60,7 @@ except SystemExit as exc:
 # The node's worker builds its pipeline from config the same way.
 import node.queue.worker
 from node.config import NodeConfig
-from node.admin.models import pipeline_factory
+from node.admin.registry import pipeline_factory
 
 model = Path(args["model"])
 pipeline = pipeline_factory(NodeConfig(backend="onnxruntime", model_dir=model))(model)

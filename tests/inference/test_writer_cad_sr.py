@@ -553,7 +553,7 @@ LESION_TOLERANCE_CELLS = 0.5
 
 def _bundled_pipeline() -> Pipeline:
     pytest.importorskip("onnxruntime")
-    from inference.backends.registry import load_backend
+    from inference.backends.loader import load_backend
     from inference.bundled import bundled_model_dir
     from inference.pipeline import Pipeline
 
@@ -594,7 +594,7 @@ def _build_for(
 @pytest.mark.slow
 def test_the_rank_1_point_lands_on_the_synthetic_lesion(tmp_path: Path) -> None:
     from training.datasets.rsna import load_lesions
-    from training.synth.studies import synthesise_studies
+    from training.synth.synthesise import synthesise_studies
 
     pipeline = _bundled_pipeline()
     studies = synthesise_studies(tmp_path / "synth", seed=101)

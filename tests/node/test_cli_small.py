@@ -113,7 +113,7 @@ def test_send_to_a_closed_port_is_one_line_with_the_count(tmp_path: Path) -> Non
 
     from peers import LOOPBACK
 
-    from training.synth.studies import synthesise_studies
+    from training.synth.synthesise import synthesise_studies
 
     files = [str(p) for study in synthesise_studies(tmp_path / "in", seed=1) for p in study.files]
     with socket.socket() as s:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from inference.backends.registry import AUTO, available_backends
+from inference.backends.loader import AUTO, available_backends
 from node.config import (
     ConfigError,
     InferenceBackend,

@@ -12,7 +12,7 @@ from inference.dicom_header import read_dataset, read_meta
 from inference.manifest import load_manifest, verify_weights
 from inference.pipeline import Pipeline
 from inference.types import RESEARCH_NOTICE
-from training.synth.studies import synthesise_studies
+from training.synth.synthesise import synthesise_studies
 
 
 def test_bundled_model_manifest_is_honest_about_its_training_data() -> None:
@@ -44,8 +44,8 @@ def test_bundled_model_meets_its_targets_on_the_recorded_test_set() -> None:
 
 
 def test_bundled_onnx_graph_ships_and_agrees_with_the_weights() -> None:
+    from inference.backends.loader import load_backend
     from inference.backends.parity import compare_outputs
-    from inference.backends.registry import load_backend
     from training.onnx_export import parity_inputs
 
     model_dir = bundled_model_dir()

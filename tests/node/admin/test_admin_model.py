@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from inference.bundled import BUNDLED_MODEL_DIR
 from inference.manifest import load_manifest
 from node import audit
-from node.admin.models import select_model_dir
+from node.admin.registry import select_model_dir
 from node.config import NodeConfig
 from node.db.models import ModelVersion
 
@@ -125,7 +125,7 @@ def test_list_stars_the_bundled_model_when_it_serves_registered(
     sessions: sessionmaker[Session], db_url: str, tmp_path: Path
 ) -> None:
     """The worker registers the bundled model it serves; with nothing promoted it is still starred."""
-    from node.admin.models import ensure_registered
+    from node.admin.registry import ensure_registered
 
     manifest = load_manifest(BUNDLED_MODEL_DIR)
     ensure_registered(sessions, manifest, BUNDLED_MODEL_DIR, actor="worker")

@@ -20,7 +20,7 @@ from inference.manifest import load_manifest
 from inference.pipeline import Pipeline, PreparedImage
 from inference.types import ImageScore
 from inference.uids import derive_uid
-from node.admin.models import pipeline_factory, select_model_dir
+from node.admin.registry import pipeline_factory, select_model_dir
 from node.config import Destination, NodeConfig
 from node.db.models import (
     Breast,
@@ -566,7 +566,7 @@ def test_a_worker_with_dali_preprocessing_scores_like_the_cpu_path(
 ) -> None:
     """DALI in its CPU mode (no GPU here) on JPEG 2000 files: same images scored, same outputs,
     probabilities within the DALI parity tolerance (0.02; box-filter resize approximation)."""
-    from inference.backends.registry import load_backend
+    from inference.backends.loader import load_backend
     from inference.dicom_header import read_dataset, read_meta
     from inference.preprocessing_dali import DaliPreprocessor
 

@@ -15,7 +15,7 @@ from inference.dicom_header import is_mammogram, read_dataset, read_meta
 from inference.types import RESEARCH_NOTICE
 from node.commands import app as cli
 from node.tools.demo import run_demo
-from training.synth.studies import FOUR_VIEWS, synthesise_studies
+from training.synth.synthesise import FOUR_VIEWS, synthesise_studies
 
 MAMMONODE = Path(sys.executable).with_name("mammonode")
 
@@ -158,9 +158,9 @@ def test_score_step_sees_the_synthetic_files_which_are_removed_afterwards(
 def test_demo_without_the_training_extra_says_how_to_install_it(
     test_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # makes `import training.synth.studies` fail, as in a serving-only install
+    # makes `import training.synth.synthesise` fail, as in a serving-only install
     monkeypatch.setitem(sys.modules, "training.synth", None)
-    monkeypatch.setitem(sys.modules, "training.synth.studies", None)
+    monkeypatch.setitem(sys.modules, "training.synth.synthesise", None)
     out = tmp_path / "out"
     code, stdout, stderr = _demo("--out", out, "--model", test_model)
     assert code == 1

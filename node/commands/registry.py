@@ -2,7 +2,7 @@
 
 Promotion is the only way the serving model changes (retraining registers a challenger but never
 promotes it); the worker loads the promoted model for every score after it. Logic and auditing
-live in :mod:`node.admin.models`.
+live in :mod:`node.admin.registry`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def list_command(
     config: ConfigOption = None,
 ) -> None:
     """Registered models and the bundled demo model; * marks the one that serves."""
-    from node.admin.models import list_models
+    from node.admin.registry import list_models
     from node.commands._admin import load, open_session
 
     cfg = load(config)
@@ -54,7 +54,7 @@ def register_command(
     config: ConfigOption = None,
 ) -> None:
     """Check a model folder's weights against its manifest and register it (not promoted)."""
-    from node.admin.models import register_model
+    from node.admin.registry import register_model
     from node.audit import cli_actor
     from node.commands._admin import load, open_session
 
@@ -74,7 +74,7 @@ def promote_command(
     config: ConfigOption = None,
 ) -> None:
     """Make one model the serving model; every score after this names it."""
-    from node.admin.models import promote_model
+    from node.admin.registry import promote_model
     from node.audit import cli_actor
     from node.commands._admin import load, open_session
 
