@@ -62,7 +62,7 @@ from inference.types import AlgorithmInfo, ImageFailure, InputError, StudyScore
 from inference.uids import derive_uid, is_valid_uid
 from inference.writers import cad_codes as c
 from inference.writers import cad_tree as t
-from inference.writers.common import algorithm_key, fit
+from inference.writers.common import algorithm_key, check_sources, fit
 from inference.writers.sr import completion_description, incompleteness_comments
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def build_cad_sr(
         if not is_valid_uid(uid):
             raise ValueError(f"invalid {name} {uid!r}")
     _check_probabilities(study)
-    entries = _library_entries(study, _check_sources(study, sources), not_analysed)
+    entries = _library_entries(study, check_sources(study, sources, "build_cad_sr"), not_analysed)
     by_uid = {e.sop_instance_uid: e for e in entries}
     findings = _findings(study, marks, by_uid, algorithm.threshold)
     aggregation = next((b.method for b in study.breasts if b.method), "")
@@ -170,25 +170,6 @@ def _check_probabilities(study: StudyScore) -> None:
     values += [i.probability for i in study.images]
     if not all(math.isfinite(float(p)) and 0.0 <= float(p) <= 1.0 for p in values):
         raise ValueError("every image, breast and exam probability must be in [0, 1]")
-
-
-def _check_sources(study: StudyScore, sources: Sequence[Dataset]) -> dict[str, Dataset]:
-    if not sources:
-        raise ValueError("build_cad_sr needs the source image datasets")
-    by_uid: dict[str, Dataset] = {}
-    for ds in sources:
-        uid = str(ds.get("SOPInstanceUID", ""))
-        if not is_valid_uid(uid) or not is_valid_uid(str(ds.get("SOPClassUID", ""))):
-            raise InputError(f"source has a missing or invalid SOP Instance/Class UID: {uid!r}")
-        if str(ds.get("StudyInstanceUID", "")) != study.study_instance_uid:
-            raise ValueError(f"source {uid} is not in study {study.study_instance_uid}")
-        if "PatientID" in ds and str(ds.get("PatientID", "")) != study.patient_id:
-            raise ValueError(f"source {uid} belongs to another patient than the study score")
-        by_uid[uid] = ds
-    missing = [i.meta.sop_instance_uid for i in study.images if i.meta.sop_instance_uid not in by_uid]
-    if missing:
-        raise ValueError(f"scored images without a source dataset: {missing[:3]!r}")
-    return by_uid
 
 
 def _library_entries(

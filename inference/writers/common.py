@@ -4,6 +4,7 @@ source attributes that may be copied."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from pydicom import config
 from pydicom.datadict import DicomDictionary, dictionary_VR, keyword_for_tag
@@ -12,7 +13,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.valuerep import IS, VR, DSdecimal, DSfloat, PersonName, validate_value
 
-from inference.types import AlgorithmInfo
+from inference.types import AlgorithmInfo, InputError, StudyScore
+from inference.uids import is_valid_uid
 
 
 def fit(text: str, limit: int) -> str:
@@ -87,3 +89,24 @@ def _copyable(elem: DataElement) -> bool:
     except (*_VALUE_ERRORS,):
         return False
     return True
+
+
+def check_sources(study: StudyScore, sources: Sequence[Dataset], writer: str) -> dict[str, Dataset]:
+    """The study's source headers by SOP Instance UID, checked to belong to the scored study and
+    patient and to cover every scored image (``writer`` names the caller in the errors)."""
+    if not sources:
+        raise ValueError(f"{writer} needs the source image datasets")
+    by_uid: dict[str, Dataset] = {}
+    for ds in sources:
+        uid = str(ds.get("SOPInstanceUID", ""))
+        if not is_valid_uid(uid) or not is_valid_uid(str(ds.get("SOPClassUID", ""))):
+            raise InputError(f"source has a missing or invalid SOP Instance/Class UID: {uid!r}")
+        if str(ds.get("StudyInstanceUID", "")) != study.study_instance_uid:
+            raise ValueError(f"source {uid} is not in study {study.study_instance_uid}")
+        if "PatientID" in ds and str(ds.get("PatientID", "")) != study.patient_id:
+            raise ValueError(f"source {uid} belongs to another patient than the study score")
+        by_uid[uid] = ds
+    missing = [img.meta.sop_instance_uid for img in study.images if img.meta.sop_instance_uid not in by_uid]
+    if missing:
+        raise ValueError(f"scored images without a source dataset: {missing[:3]!r}")
+    return by_uid

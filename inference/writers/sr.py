@@ -82,9 +82,9 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from inference.marks import CamMark
-from inference.types import AlgorithmInfo, BreastScore, ImageFailure, ImageScore, InputError, StudyScore
+from inference.types import AlgorithmInfo, BreastScore, ImageFailure, ImageScore, StudyScore
 from inference.uids import derive_uid, is_valid_uid
-from inference.writers.common import algorithm_key, fit
+from inference.writers.common import algorithm_key, check_sources, fit
 from inference.writers.sr_codes import (
     BILATERAL,
     BREAST,
@@ -230,25 +230,6 @@ def _evidence_header(ds: Dataset) -> Dataset:
     return header
 
 
-def _check_sources(study: StudyScore, sources: Sequence[Dataset]) -> dict[str, Dataset]:
-    if not sources:
-        raise ValueError("build_score_sr needs the source image datasets")
-    by_uid: dict[str, Dataset] = {}
-    for ds in sources:
-        uid = str(ds.get("SOPInstanceUID", ""))
-        if not is_valid_uid(uid) or not is_valid_uid(str(ds.get("SOPClassUID", ""))):
-            raise InputError(f"source has a missing or invalid SOP Instance/Class UID: {uid!r}")
-        if str(ds.get("StudyInstanceUID", "")) != study.study_instance_uid:
-            raise ValueError(f"source {uid} is not in study {study.study_instance_uid}")
-        if "PatientID" in ds and str(ds.get("PatientID", "")) != study.patient_id:
-            raise ValueError(f"source {uid} belongs to another patient than the study score")
-        by_uid[uid] = ds
-    missing = [img.meta.sop_instance_uid for img in study.images if img.meta.sop_instance_uid not in by_uid]
-    if missing:
-        raise ValueError(f"scored images without a source dataset: {missing[:3]!r}")
-    return by_uid
-
-
 def _check_per_image(study: StudyScore, name: str, keys: Sequence[str]) -> None:
     scored = {img.meta.sop_instance_uid for img in study.images}
     unknown = [k for k in keys if k not in scored]
@@ -356,7 +337,7 @@ def build_score_sr(
     for name, uid in (("series_instance_uid", series_instance_uid), ("sop_instance_uid", sop_instance_uid)):
         if not is_valid_uid(uid):
             raise ValueError(f"invalid {name} {uid!r}")
-    by_uid = _check_sources(study, sources)
+    by_uid = check_sources(study, sources, "build_score_sr")
     marks, captures = dict(marks or {}), dict(captures or {})
     _check_per_image(study, "marks", list(marks))
     _check_captures(study, captures)

@@ -25,8 +25,6 @@ import json
 import logging
 import mimetypes
 import os
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -39,7 +37,7 @@ from urllib.parse import unquote, urlsplit
 
 import cv2
 import numpy as np
-from peers import LOOPBACK, Orthanc, free_port
+from peers import DICOMWEB_PACKAGE, LOOPBACK, Orthanc, dicomweb_plugin, free_port
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +47,6 @@ OHIF_DIST = REPO / ".cache" / "ohif" / OHIF_VERSION / "dist"
 """Where ``.ci/setup`` unpacks ``npm pack @ohif/app@3.12.10``; ``MAMMONODE_OHIF_DIST`` overrides."""
 CHROMIUM = "/usr/bin/chromium"
 """Debian's chromium (``.ci/setup``); ``MAMMONODE_CHROMIUM`` overrides."""
-DICOMWEB_PACKAGE = "orthanc-dicomweb"
 DICOMWEB_ROOT = "/dicom-web/"
 ARTIFACTS = REPO / "test-artifacts" / "ohif"
 """Screenshots and browser logs of the viewer test (git-ignored); ``MAMMONODE_TEST_ARTIFACTS``
@@ -78,20 +75,6 @@ def chromium_binary() -> str | None:
 def artifacts_dir() -> Path:
     base = os.environ.get("MAMMONODE_TEST_ARTIFACTS")
     return Path(base) / "ohif" if base else ARTIFACTS
-
-
-def dicomweb_plugin() -> str | None:
-    """The DICOMweb plugin's shared library, from ``dpkg -L orthanc-dicomweb`` (the ``.so`` in
-    Orthanc's plugin folder); None when the package is not installed."""
-    if shutil.which("dpkg") is None:
-        return None
-    listing = subprocess.run(
-        ["dpkg", "-L", DICOMWEB_PACKAGE], capture_output=True, text=True, timeout=30, check=False
-    )
-    if listing.returncode != 0:
-        return None
-    libraries = [line for line in listing.stdout.splitlines() if line.endswith(".so") and "/plugins/" in line]
-    return libraries[0] if libraries else None
 
 
 def missing_prerequisites() -> list[str]:
