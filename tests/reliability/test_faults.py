@@ -42,6 +42,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import AuditEvent, Job, Transmission
 
+RESULTS_PER_STUDY = 6
+"""4 CAM captures, the score report and the Mammography CAD SR of a 4-view study."""
+
 pytestmark = [pytest.mark.peers, pytest.mark.dcmtk, pytest.mark.slow]
 
 MODALITY_AE = "MODALITY"
@@ -84,6 +87,10 @@ def _assert_one_result_set(pacs: Orthanc, studies: dict[str, list[str]]) -> None
         assert evidence_uids(report) == evidence_uids(cad) == set(images)
     expected = sum(len(images) + 2 for images in studies.values())
     assert len(got.captures) + len(got.reports) + len(got.cad_reports) == expected
+
+
+def _wait_all_sent(sessions: sessionmaker[Session], n: int) -> None:
+    wait_until(lambda: _all_sent(sessions, n), "every transmission recorded as sent", RESULT_TIMEOUT)
 
 
 def _all_sent(sessions: sessionmaker[Session], n: int) -> bool:
@@ -206,8 +213,12 @@ def test_a_full_disk_refuses_new_images_and_delivers_everything_once_freed(
         modality.run()
         assert modality.error is None, "\n".join(modality.history)
 
-        pacs.wait_for_instances(10, timeout=RESULT_TIMEOUT)
-        wait_until(lambda: _all_sent(sessions, 10), "every transmission recorded as sent", RESULT_TIMEOUT)
+        pacs.wait_for_instances(2 * RESULTS_PER_STUDY, timeout=RESULT_TIMEOUT)
+        wait_until(
+            lambda: _all_sent(sessions, 2 * RESULTS_PER_STUDY),
+            "every transmission recorded as sent",
+            RESULT_TIMEOUT,
+        )
         time.sleep(SETTLE_SECONDS)
         assert node.running, node.log_tail()
     finally:
@@ -261,7 +272,7 @@ def test_results_reach_a_destination_that_was_down_frozen_and_refusing_exactly_o
     mark = _last_event_id(sessions)
     assert sorted(store(files_1, port, aet=MODALITY_AE, syntax="-xv").acknowledged) == sorted(files_1)
     wait_until(
-        lambda: len({e.sop_instance_uid for e in failed_sends(uid_1, mark)}) == 5,
+        lambda: len({e.sop_instance_uid for e in failed_sends(uid_1, mark)}) == RESULTS_PER_STUDY,
         "study 1 tried",
         RESULT_TIMEOUT,
     )
@@ -298,13 +309,17 @@ def test_results_reach_a_destination_that_was_down_frozen_and_refusing_exactly_o
     pacs.kill()
     pacs.modalities = dict(known)
     pacs.start()
-    pacs.wait_for_instances(15, timeout=RESULT_TIMEOUT)
+    pacs.wait_for_instances(3 * RESULTS_PER_STUDY, timeout=RESULT_TIMEOUT)
     time.sleep(SETTLE_SECONDS)
     uids = orthanc_sop_uids(pacs)
-    assert len(uids) == len(set(uids)) == 15
+    assert len(uids) == len(set(uids)) == 3 * RESULTS_PER_STUDY
     stats = pacs.get_json("/statistics")
-    assert int(stats["CountInstances"]) == 15
+    assert int(stats["CountInstances"]) == 3 * RESULTS_PER_STUDY
     assert node.running and node.runs == 1, node.log_tail()
     _assert_one_result_set(pacs, {uid: _uids(files) for uid, files in studies.items()})
-    wait_until(lambda: _all_sent(sessions, 15), "every transmission recorded as sent", RESULT_TIMEOUT)
+    wait_until(
+        lambda: _all_sent(sessions, 3 * RESULTS_PER_STUDY),
+        "every transmission recorded as sent",
+        RESULT_TIMEOUT,
+    )
     _assert_no_operator_needed(sessions)

@@ -116,7 +116,7 @@ def evidence_uids(report: Dataset) -> set[str]:
     while todo:
         item = todo.pop()
         names = item.get("ConceptNameCodeSequence", [])
-        if item.ValueType == "IMAGE" and names and names[0].CodeValue == "130401":
+        if item.get("ValueType") == "IMAGE" and names and names[0].CodeValue == "130401":
             captures.add(str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
         todo.extend(item.get("ContentSequence", []))
     return listed - captures
@@ -361,7 +361,9 @@ def test_modality_to_node_to_pacs_with_the_audit_timeline(
     assert sorted(e["sop_instance_uid"] for e in timeline[1:5]) == sorted(sent)
     scored = timeline[6]["details"]
     assert scored["model_name"] == "mammonode-test" and len(scored["weights_sha256"]) == 64
-    output_uids = {str(ds.SOPInstanceUID) for ds in [*results.captures, *results.reports]}
+    output_uids = {
+        str(ds.SOPInstanceUID) for ds in [*results.captures, *results.reports, *results.cad_reports]
+    }
     assert {e["sop_instance_uid"] for e in timeline[7:]} == output_uids
     assert {e["peer"] for e in timeline[7:]} == {pacs.destination}
 
