@@ -14,7 +14,6 @@ images are missing and why (design invariants 8 and 9).
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 
 from inference.aggregation import AGGREGATIONS, aggregate_studies
@@ -314,7 +312,7 @@ class Pipeline:
             missing_views=missing,
             captures_missing=tuple(capture_failures),
             marks=marks,
-            captures=capture_references(study, captures),
+            captures=capture_references(tasks, captures),
         )
         ((_, report),) = list(pool.imap(render_report, [report_task]))
         if isinstance(report, Exception):
@@ -446,19 +444,17 @@ def report_marks(study: StudyScore) -> dict[str, tuple[CamMark, ...]]:
 
 
 def capture_references(
-    study: StudyScore, captures: Sequence[EncodedObject | None]
+    tasks: Sequence[CaptureTask], captures: Sequence[EncodedObject | None]
 ) -> dict[str, CaptureReference]:
-    """The CAM capture made of each scored image (``captures`` in ``study.images`` order, ``None``
-    where it failed), by source SOP Instance UID, as the report references it."""
-    refs: dict[str, CaptureReference] = {}
-    for image, encoded in zip(study.images, captures, strict=True):
-        if encoded is None:
-            continue
-        header = pydicom.dcmread(io.BytesIO(encoded.data), stop_before_pixels=True)
-        refs[image.meta.sop_instance_uid] = CaptureReference(
-            encoded.sop_class_uid, encoded.sop_instance_uid, str(header.SeriesInstanceUID)
+    """The CAM capture made of each scored image (``captures`` in ``tasks`` order, ``None`` where
+    it failed), by source SOP Instance UID, as the report references it."""
+    return {
+        task.score.meta.sop_instance_uid: CaptureReference(
+            encoded.sop_class_uid, encoded.sop_instance_uid, task.series_instance_uid
         )
-    return refs
+        for task, encoded in zip(tasks, captures, strict=True)
+        if encoded is not None
+    }
 
 
 def _image_scores(images: Sequence[PreparedImage], logits: np.ndarray, cams: np.ndarray) -> list[ImageScore]:

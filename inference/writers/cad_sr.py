@@ -59,10 +59,10 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, MammographyCADSRStorage
 
 from inference.marks import CamMark
 from inference.types import AlgorithmInfo, ImageFailure, InputError, StudyScore
-from inference.uids import derive_uid, is_valid_uid
+from inference.uids import is_valid_uid
 from inference.writers import cad_codes as c
 from inference.writers import cad_tree as t
-from inference.writers.common import algorithm_key, check_sources, fit
+from inference.writers.common import check_sources, fit, study_document_uids
 from inference.writers.sr import completion_description, incompleteness_comments
 
 logger = logging.getLogger(__name__)
@@ -86,20 +86,9 @@ def cad_sr_uids(
     """Series and SOP Instance UID of the CAD SR of a study (their own namespace, apart from the
     TID 1500 report's). The instance UID depends on the *set* of source images, so a late arrival
     gives a new document; the same inputs and model always give the same UIDs."""
-    if not is_valid_uid(study_instance_uid):
-        raise ValueError(f"invalid Study Instance UID {study_instance_uid!r}")
-    if result_version < 1:
-        raise ValueError(f"result_version must be >= 1, got {result_version}")
-    uids = sorted(set(source_uids))
-    if not uids:
-        raise ValueError("a CAD SR needs at least one source image")
-    bad = [u for u in uids if not is_valid_uid(u)]
-    if bad:
-        raise ValueError(f"invalid source SOP Instance UID(s): {bad[:3]!r}")
-    key = algorithm_key(algorithm)
-    series = derive_uid(_UID_NAMESPACE, "series", study_instance_uid, *key, str(result_version))
-    instance = derive_uid(_UID_NAMESPACE, "instance", study_instance_uid, *key, str(result_version), *uids)
-    return series, instance
+    return study_document_uids(
+        _UID_NAMESPACE, study_instance_uid, algorithm, source_uids, result_version, what="a CAD SR"
+    )
 
 
 def build_cad_sr(

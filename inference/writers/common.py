@@ -14,7 +14,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.valuerep import IS, VR, DSdecimal, DSfloat, PersonName, validate_value
 
 from inference.types import AlgorithmInfo, InputError, StudyScore
-from inference.uids import is_valid_uid
+from inference.uids import derive_uid, is_valid_uid
 
 
 def fit(text: str, limit: int) -> str:
@@ -110,3 +110,36 @@ def check_sources(study: StudyScore, sources: Sequence[Dataset], writer: str) ->
     if missing:
         raise ValueError(f"scored images without a source dataset: {missing[:3]!r}")
     return by_uid
+
+
+def study_document_uids(
+    namespace: str,
+    study_uid: str,
+    algorithm: AlgorithmInfo,
+    source_uids: Sequence[str],
+    result_version: int,
+    *,
+    what: str,
+    content: tuple[str, ...] = (),
+) -> tuple[str, str]:
+    """Series and SOP Instance UID of a per-study document (design invariant 6), in ``namespace``.
+
+    The instance UID depends on the *set* of source images (order does not matter), so a late
+    arrival that changes the inputs yields a new document rather than silently replacing the old
+    one; the same inputs and model always yield the same UIDs. ``content`` tags a change of the
+    document's content, so an upgraded node never resends different content under an old UID.
+    """
+    if not is_valid_uid(study_uid):
+        raise ValueError(f"invalid Study Instance UID {study_uid!r}")
+    if result_version < 1:
+        raise ValueError(f"result_version must be >= 1, got {result_version}")
+    uids = sorted(set(source_uids))
+    if not uids:
+        raise ValueError(f"{what} needs at least one source image")
+    bad = [u for u in uids if not is_valid_uid(u)]
+    if bad:
+        raise ValueError(f"invalid source SOP Instance UID(s): {bad[:3]!r}")
+    key = algorithm_key(algorithm)
+    series = derive_uid(namespace, "series", study_uid, *key, str(result_version))
+    instance = derive_uid(namespace, "instance", *content, study_uid, *key, str(result_version), *uids)
+    return series, instance

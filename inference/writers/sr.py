@@ -84,7 +84,7 @@ from pydicom.sr.coding import Code
 from inference.marks import CamMark
 from inference.types import AlgorithmInfo, BreastScore, ImageFailure, ImageScore, StudyScore
 from inference.uids import derive_uid, is_valid_uid
-from inference.writers.common import algorithm_key, check_sources, fit
+from inference.writers.common import algorithm_key, check_sources, fit, study_document_uids
 from inference.writers.sr_codes import (
     BILATERAL,
     BREAST,
@@ -147,22 +147,15 @@ def sr_uids(
     arrival that changes the inputs yields a new report rather than silently replacing the old
     one; the same inputs and model always yield the same UIDs.
     """
-    if not is_valid_uid(study_uid):
-        raise ValueError(f"invalid Study Instance UID {study_uid!r}")
-    if result_version < 1:
-        raise ValueError(f"result_version must be >= 1, got {result_version}")
-    uids = sorted(set(source_sop_uids))
-    if not uids:
-        raise ValueError("a score report needs at least one source image")
-    bad = [u for u in uids if not is_valid_uid(u)]
-    if bad:
-        raise ValueError(f"invalid source SOP Instance UID(s): {bad[:3]!r}")
-    key = algorithm_key(algorithm)
-    series_uid = derive_uid(_UID_NAMESPACE, "series", study_uid, *key, str(result_version))
-    sop_uid = derive_uid(
-        _UID_NAMESPACE, "instance", _CONTENT_VERSION, study_uid, *key, str(result_version), *uids
+    return study_document_uids(
+        _UID_NAMESPACE,
+        study_uid,
+        algorithm,
+        source_sop_uids,
+        result_version,
+        what="a score report",
+        content=(_CONTENT_VERSION,),
     )
-    return series_uid, sop_uid
 
 
 def _finding_site(laterality: str | None) -> FindingSite:
