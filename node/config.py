@@ -45,6 +45,19 @@ class InferenceBackend(StrEnum):
     TENSORRT = "tensorrt"
 
 
+class Role(StrEnum):
+    """What one ``mammonode serve`` process does (``--role``); ``all`` is a whole node."""
+
+    ALL = "all"
+    """Receive, assemble, score and send in one process (the single-machine node)."""
+    RECEIVER = "receiver"
+    """The SCP, and assembly of complete studies into jobs."""
+    WORKER = "worker"
+    """Claims jobs under a lease and scores them (any number, on one or several machines)."""
+    SENDER = "sender"
+    """Delivers the outbox to the destinations."""
+
+
 class Preprocessing(StrEnum):
     """Where images are decoded and prepared."""
 
@@ -303,6 +316,26 @@ class NodeConfig:
     retry_max_age_hours: float = 24.0
     """An outbox item still failing after this long goes to the dead-letter state."""
     poll_seconds: float = 1.0
+    role: Role = Role.ALL
+    """What ``mammonode serve`` runs: all, receiver, worker or sender (``--role`` overrides)."""
+    lease_seconds: float = 60.0
+    """A worker's claim on a job expires this long after its last heartbeat; another worker then
+    takes the job over. The heartbeat renews it every third of this."""
+    tls_certificate: Path | None = None
+    """PEM certificate (chain) the node presents: the SCP speaks DICOM TLS when this and
+    ``tls_private_key`` are set, and TLS destinations get it as the client certificate."""
+    tls_private_key: Path | None = None
+    """PEM private key of ``tls_certificate`` (keep it 0600; set it from the environment)."""
+    tls_ca_certificates: Path | None = None
+    """PEM bundle of the CAs whose certificates the node trusts: calling modalities' client
+    certificates and TLS destinations' server certificates."""
+    tls_require_client_certificate: bool = False
+    """Refuse a TLS connection whose client has no certificate signed by ``tls_ca_certificates``."""
+    metrics_port: int = 0
+    """HTTP port of ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz``; 0: no endpoint."""
+    metrics_bind_address: str = "127.0.0.1"
+    ready_max_backlog: int = 1000
+    """``/readyz`` fails while more jobs than this wait to be scored."""
 
     def __post_init__(self) -> None:
         validate_ae_title(self.ae_title)
@@ -321,6 +354,14 @@ class NodeConfig:
             raise ConfigError("max_associations and max_image_pixels must be >= 1")
         if not 0 < self.retry_initial_seconds <= self.retry_max_seconds or self.retry_max_age_hours <= 0:
             raise ConfigError("need 0 < retry_initial_seconds <= retry_max_seconds, retry_max_age_hours > 0")
+        if self.lease_seconds <= 0 or self.ready_max_backlog < 1:
+            raise ConfigError("lease_seconds must be > 0 and ready_max_backlog >= 1")
+        if self.metrics_port:
+            validate_port(self.metrics_port, "metrics_port")
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ConfigError("tls_certificate and tls_private_key go together")
+        if self.tls_require_client_certificate and self.tls_ca_certificates is None:
+            raise ConfigError("tls_require_client_certificate needs tls_ca_certificates")
         for view in self.expected_views:
             side, _, position = view.partition("-")
             if side not in ("L", "R") or not position:
@@ -360,6 +401,7 @@ _OPTIONS: dict[str, type[StrEnum]] = {
     "unknown_sop_classes": UnknownSopClasses,
     "backend": InferenceBackend,
     "preprocessing": Preprocessing,
+    "role": Role,
 }
 """Settings that take one of a fixed set of words, and the enum of those words."""
 
@@ -392,7 +434,15 @@ def _coerce(name: str, value: Any, *, from_env: bool) -> Any:
     if name in _OPTIONS:
         return parse_option(_OPTIONS[name], value, what)
     try:
-        if name in ("port", "batch_size", "max_pdu", "max_associations", "max_image_pixels"):
+        if name in (
+            "port",
+            "batch_size",
+            "max_pdu",
+            "max_associations",
+            "max_image_pixels",
+            "metrics_port",
+            "ready_max_backlog",
+        ):
             return int(value)
         if name in (
             "study_quiet_seconds",
@@ -401,6 +451,7 @@ def _coerce(name: str, value: Any, *, from_env: bool) -> Any:
             "retry_max_seconds",
             "retry_max_age_hours",
             "poll_seconds",
+            "lease_seconds",
         ):
             return float(value)
     except (TypeError, ValueError):
@@ -408,6 +459,8 @@ def _coerce(name: str, value: Any, *, from_env: bool) -> Any:
     if name in BOOLEAN_SETTINGS:
         return _boolean(value, what)
     if name == "model_dir":
+        return Path(str(value)).expanduser() if str(value) else None
+    if name in PATH_SETTINGS:
         return Path(str(value)).expanduser() if str(value) else None
     if name == "data_dir":
         return Path(str(value) or ".").expanduser()
@@ -435,7 +488,12 @@ def _destinations(value: Any, what: str, *, from_env: bool) -> tuple[Destination
         raise ConfigError(f"{what}: {exc}") from None
 
 
-BOOLEAN_SETTINGS = ("cam_opacity_follows_probability", "write_presentation_states")
+BOOLEAN_SETTINGS = (
+    "cam_opacity_follows_probability",
+    "write_presentation_states",
+    "tls_require_client_certificate",
+)
+PATH_SETTINGS = ("tls_certificate", "tls_private_key", "tls_ca_certificates")
 
 
 def _boolean(value: Any, what: str) -> bool:

@@ -186,6 +186,9 @@ class Job(Base):
     """Not claimed before this time (backoff after a failure or a transient fault)."""
     claimed_by: Mapped[str | None] = mapped_column(String(128))
     claimed_at: Mapped[dt.datetime | None]
+    lease_expires_at: Mapped[dt.datetime | None]
+    """The claim lapses at this time unless the claimer's heartbeat renews it; another worker may
+    then take the job over (a claim is not an attempt)."""
     finished_at: Mapped[dt.datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
