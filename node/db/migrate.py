@@ -34,6 +34,7 @@ from inference import MammoNodeError
 from node.config import ConfigError, mask_url
 from node.db.models import Base
 from node.db.session import is_sqlite, make_engine
+from node.private_files import private_dir, private_file
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +147,8 @@ def _check_foreign_keys(conn: Connection) -> None:
 def migration_connection(url: str) -> Iterator[Connection]:
     """A connection inside the single transaction a migration runs in (see the module doc)."""
     path = _sqlite_path(url) if is_sqlite(url) else None
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if path is not None:  # the database names patients: owner-only, and so its -wal and -shm
+        private_file(private_dir(path.parent) / path.name)
     with _connect(url, migrating=True) as conn:
         yield conn
 

@@ -31,6 +31,7 @@ from inference import (
     read_meta,
 )
 from node.config import NodeConfig
+from node.private_files import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def write_instance(
     path = root.joinpath(*rel.parts)
     try:
         _make_dirs_durably(root, path.parent)
-        atomic_write_bytes(path, data, mode=0o600)  # patient data
+        atomic_write_bytes(path, data, mode=PRIVATE_FILE_MODE)  # patient data
         fsync_dir(path.parent)
     except OSError as exc:
         if exc.errno in _DISK_FULL:
@@ -103,7 +104,7 @@ def write_instance(
 def _make_dirs_durably(root: Path, folder: Path) -> None:
     """Create ``folder`` (below ``root``) level by level, syncing each parent after a creation,
     so the new directory entries are on disk before a file in them is acknowledged."""
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
     missing: list[Path] = []
     current = folder
     while current != root and not current.is_dir():
@@ -111,7 +112,7 @@ def _make_dirs_durably(root: Path, folder: Path) -> None:
         current = current.parent
     for level in reversed(missing):
         try:
-            level.mkdir()
+            level.mkdir(mode=PRIVATE_DIR_MODE)  # patient data
         except FileExistsError:
             continue  # another association created it meanwhile
         fsync_dir(level.parent)

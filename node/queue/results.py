@@ -21,6 +21,7 @@ from node.db.models import OutputObject, Score, Transmission, utcnow
 from node.db.states import TransmissionState
 from node.dicom.intake import side_code
 from node.dicom.spool import fsync_dir
+from node.private_files import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE
 
 KIND_SC = "SC"
 KIND_SR = "SR"
@@ -40,9 +41,9 @@ def write_outbox_file(outbox_dir: Path, study_uid: str, obj: EncodedObject) -> s
         if not is_valid_uid(uid):
             raise ValueError(f"refusing to build an outbox path from an invalid UID {uid!r}")
     folder = outbox_dir / study_uid
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
     path = folder / f"{sop_uid}.dcm"
-    atomic_write_bytes(path, obj.data, mode=0o600)  # patient data
+    atomic_write_bytes(path, obj.data, mode=PRIVATE_FILE_MODE)  # patient data
     fsync_dir(folder)
     return f"{study_uid}/{sop_uid}.dcm"
 
