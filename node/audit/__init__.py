@@ -1,4 +1,5 @@
-"""The audit log: record events (:mod:`.record`), query and export them (:mod:`.query`).
+"""The audit log: record events (:mod:`.record`), hash-chained at commit (:mod:`.chain`),
+verified (:mod:`.verify`), queried and exported (:mod:`.query`).
 
 Callers write ``from node import audit`` and ``audit.record(session, audit.STUDY_SCORED, ...)``.
 """

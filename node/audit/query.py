@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from inference import MammoNodeError
 from node.audit import ASSOCIATION_ACCEPTED, ASSOCIATION_REJECTED, EVENTS
+from node.audit.chain import canonical_time
 from node.db.models import Association, AuditEvent, Instance, Study, as_utc
 
 EXPORT_FORMATS = ("csv", "jsonl")
@@ -37,7 +38,12 @@ EXPORT_COLUMNS: tuple[str, ...] = (
     "calling_ae",
     "peer",
     "details",
+    "seq",
+    "prev_hash",
+    "row_hash",
 )
+"""An unfiltered export carries the hash chain: it can be verified without MammoNode (the ``at``
+text is the one the hash covers)."""
 _S = TypeVar("_S", bound=Select[Any])
 ASSOCIATION_EVENTS = (ASSOCIATION_ACCEPTED, ASSOCIATION_REJECTED)
 _ASSOCIATION_SLACK = dt.timedelta(seconds=5)
@@ -190,10 +196,10 @@ def _belongs(event: AuditEvent, association: Association) -> bool:
 
 
 def event_dict(event: AuditEvent) -> dict[str, Any]:
-    """One event as plain JSON-able values (time in ISO 8601 UTC)."""
+    """One event as plain JSON-able values (time in ISO 8601 UTC with microseconds), chain included."""
     return {
         "id": event.id,
-        "at": as_utc(event.at).isoformat(),
+        "at": canonical_time(event.at),
         "event": event.event,
         "actor": event.actor,
         "patient_id": event.patient_id,
@@ -202,6 +208,9 @@ def event_dict(event: AuditEvent) -> dict[str, Any]:
         "calling_ae": event.calling_ae,
         "peer": event.peer,
         "details": event.details,
+        "seq": event.seq,
+        "prev_hash": event.prev_hash,
+        "row_hash": event.row_hash,
     }
 
 

@@ -2,8 +2,9 @@
 
 Every component records through :func:`record` in the caller's transaction, so an event exists
 exactly when the change it describes was committed. The table refuses UPDATE and DELETE (database
-triggers, see the migrations). It is the only place where patient IDs meet study UIDs for
-people to read; application logs carry UIDs and row IDs only.
+triggers, see the migrations) and its rows are hash-chained at commit (:mod:`node.audit.chain`).
+It is the only place where patient IDs meet study UIDs for people to read; application logs
+carry UIDs and row IDs only.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from node.db.models import AuditEvent
+from node.audit.chain import as_stored_json, queue_event
+from node.db.models import AuditEvent, utcnow
 
 # Event names (the ``event`` column); `mammonode audit list --event` filters on them.
 ASSOCIATION_ACCEPTED = "association.accepted"
@@ -88,10 +90,16 @@ def record(
     peer: str | None = None,
     details: dict[str, Any] | None = None,
 ) -> AuditEvent:
-    """Add one event to ``session`` (the caller commits it with the change it describes)."""
+    """Record one event in ``session``'s transaction and return it.
+
+    The event is chained and inserted when the caller commits (so its ``id``, ``seq`` and hashes
+    are set only then); a rollback discards it with the change it describes. ``details`` must be
+    JSON; it is stored as JSON re-reads it.
+    """
     if event not in EVENTS:
         raise ValueError(f"unknown audit event {event!r}")
     row = AuditEvent(
+        at=utcnow(),
         event=event,
         actor=actor,
         patient_id=patient_id,
@@ -99,7 +107,7 @@ def record(
         sop_instance_uid=sop_instance_uid,
         calling_ae=calling_ae,
         peer=peer,
-        details=details,
+        details=as_stored_json(details),
     )
-    session.add(row)
+    queue_event(session, row)
     return row

@@ -1,7 +1,8 @@
-"""`mammonode audit list|show|export`: read the append-only audit log.
+"""`mammonode audit list|show|export|verify|head`: read the append-only audit log and check its chain.
 
 The log is the only place that links patients to studies, so exporting it is audited too
-(``data.exported``). Query logic lives in :mod:`node.audit.query`.
+(``data.exported``). Query logic lives in :mod:`node.audit.query`, the chain check in
+:mod:`node.audit.verify`.
 """
 
 from __future__ import annotations
@@ -130,11 +131,77 @@ def export_command(
     typer.echo(f"wrote {count} event(s) to {out}")
 
 
+VERIFY_BROKEN_EXIT = 3
+"""`audit verify`'s exit status when the chain is broken (1 stays for "could not check")."""
+
+
+def _anchors(texts: list[str] | None) -> list[tuple[int, str]]:
+    from node.audit.verify import parse_anchor
+
+    try:
+        return [parse_anchor(text) for text in texts or ()]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--anchor") from None
+
+
+def verify_command(
+    anchor: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--anchor",
+            help="SEQ:HASH printed earlier by `audit head` and kept elsewhere; the chain must still "
+            "hold it (repeatable).",
+        ),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="The verdict as one JSON object.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Check the audit log's hash chain; name the first broken link (exit status 3) if any."""
+    from node.audit.verify import verify_chain
+    from node.commands._admin import load, open_session
+
+    anchors = _anchors(anchor)
+    with open_session(load(config)) as session:
+        verdict = verify_chain(session, anchors)
+    if json_output:
+        typer.echo(json.dumps(verdict.as_dict(), sort_keys=True))
+    elif verdict.broken is None:
+        assert verdict.head is not None
+        anchored = f", {len(anchors)} anchor(s) held" if anchors else ""
+        typer.echo(f"audit chain OK: {verdict.checked} event(s), head {verdict.head.anchor}{anchored}")
+    else:
+        typer.echo(f"error: audit chain broken: {verdict.broken.describe()}", err=True)
+    if verdict.broken is not None:
+        raise typer.Exit(VERIFY_BROKEN_EXIT)
+
+
+def head_command(
+    json_output: Annotated[bool, typer.Option("--json", help="The head as one JSON object.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Print where the audit chain ends as SEQ:HASH and its time: copy it somewhere the node's
+    database users cannot write, and check it later with `audit verify --anchor`."""
+    from node.audit.chain import read_head
+    from node.commands._admin import load, open_session
+
+    with open_session(load(config)) as session:
+        head = read_head(session)
+    at = head.at.isoformat(timespec="microseconds").replace("+00:00", "Z") if head.at else None
+    if json_output:
+        doc = {"seq": head.seq, "row_hash": head.row_hash, "at": at, "anchor": head.anchor}
+        typer.echo(json.dumps(doc, sort_keys=True))
+    else:
+        typer.echo(f"{head.anchor} {at or '(empty log)'}")
+
+
 def register(app: typer.Typer) -> None:
     group = typer.Typer(
-        help="Read the audit log: list, show a study's timeline, export.", no_args_is_help=True
+        help="Read the audit log (list, show a study's timeline, export); verify its chain, print its head.",
+        no_args_is_help=True,
     )
     group.command("list")(list_command)
     group.command("show")(show_command)
     group.command("export")(export_command)
+    group.command("verify")(verify_command)
+    group.command("head")(head_command)
     app.add_typer(group, name="audit")

@@ -268,7 +268,13 @@ class Transmission(Base):
 
 class AuditEvent(Base):
     """Append-only record of who sent, scored, delivered or changed what (database triggers
-    refuse UPDATE and DELETE). The only table that links patient IDs to studies for people."""
+    refuse UPDATE and DELETE). The only table that links patient IDs to studies for people.
+
+    The rows form a hash chain (:mod:`node.audit.chain`): ``seq`` is the row's position (1, 2,
+    ... with no gap, in commit order), ``prev_hash`` the ``row_hash`` of the row before it and
+    ``row_hash`` the SHA-256 of ``prev_hash`` and the row's own content, so an edited, deleted,
+    inserted or moved row breaks the chain (``mammonode audit verify``).
+    """
 
     __tablename__ = "audit_events"
     __table_args__ = (
@@ -287,3 +293,23 @@ class AuditEvent(Base):
     calling_ae: Mapped[str | None] = mapped_column(String(64))
     peer: Mapped[str | None] = mapped_column(String(300))
     details: Mapped[dict[str, Any] | None]
+    seq: Mapped[int] = mapped_column(Integer, unique=True)
+    """Position in the chain, assigned at commit under the chain head's lock."""
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    row_hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditChainHead(Base):
+    """The one row saying where the audit chain ends: the last ``seq`` and its ``row_hash``.
+
+    Every transaction that appends audit events locks this row just before it commits, so the
+    chain stays linear with any number of writers; and it is the tail check of ``audit verify``
+    (rows cut from the end leave the head pointing past them). Triggers let it move only forward.
+    """
+
+    __tablename__ = "audit_chain_head"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    row_hash: Mapped[str] = mapped_column(String(64))

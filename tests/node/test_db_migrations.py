@@ -26,9 +26,12 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node import audit
+from node.audit.chain import GENESIS_HASH, read_head
+from node.audit.verify import verify_chain
 from node.db import migrate
 from node.db.models import (
     Association,
+    AuditChainHead,
     AuditEvent,
     Base,
     Breast,
@@ -192,12 +195,71 @@ def test_downgrade_with_data_then_upgrade_again(sessions: sessionmaker[Session],
     migrate.upgrade(db_url)
     assert migrate.current(db_url) == migrate.head()
     with engine_on(db_url) as engine, Session(engine) as session:
-        assert set(row_counts(session).values()) == {0}
+        counts = row_counts(session)
+        assert counts.pop(AuditChainHead.__tablename__) == 1  # the chain's head, at the genesis
+        assert set(counts.values()) == {0}
+        assert read_head(session).anchor == f"0:{GENESIS_HASH}"
         fill_every_table(session)  # the schema takes the same data again
         session.commit()
         with pytest.raises(DBAPIError, match="append-only"):  # and the triggers are back
             session.execute(delete(AuditEvent))
             session.flush()
+
+
+def _chain(session: Session) -> list[tuple[int, int, str, str]]:
+    rows = session.execute(
+        select(AuditEvent.id, AuditEvent.seq, AuditEvent.prev_hash, AuditEvent.row_hash).order_by(
+            AuditEvent.id
+        )
+    )
+    return [(r.id, r.seq, r.prev_hash, r.row_hash) for r in rows]
+
+
+def test_audit_chain_revision_chains_the_rows_it_finds(sessions: sessionmaker[Session], db_url: str) -> None:
+    """0005 chains events written before it in id order, with the very hashes the node gives the
+    same rows (its hashing is written out, not imported), and its downgrade keeps the events and
+    their append-only triggers."""
+    with sessions() as session:
+        fill_every_table(session)
+        session.commit()
+    for n, details in enumerate(
+        [
+            {"p": 0.1, "n": [1, 2.5, -0.0, 10**20], "ok": True},
+            None,
+            {"name": "Zoë ß 日本", "z": {"b": 1, "a": None}},
+        ]
+    ):
+        with sessions() as session:
+            audit.record(session, audit.INSTANCE_RECEIVED, "scp", patient_id=f"PAT-é{n}", details=details)
+            session.commit()
+    with sessions() as session:
+        node_chain = _chain(session)
+        head = read_head(session)
+    assert [seq for _, seq, _, _ in node_chain] == [1, 2, 3, 4]
+    sessions.kw["bind"].dispose()
+
+    migrate.downgrade(db_url, "0004")
+    with engine_on(db_url) as engine:
+        assert "audit_chain_head" not in inspect(engine).get_table_names()
+        assert not {"seq", "prev_hash", "row_hash"} & {
+            c["name"] for c in inspect(engine).get_columns("audit_events")
+        }
+        with engine.connect() as conn:
+            assert conn.scalar(text("SELECT count(*) FROM audit_events")) == 4
+        with engine.begin() as conn, pytest.raises(DBAPIError, match="append-only"):
+            conn.execute(text("UPDATE audit_events SET actor = 'someone'"))
+
+    migrate.upgrade(db_url)
+    with engine_on(db_url) as engine, Session(engine) as session:
+        assert _chain(session) == node_chain
+        assert read_head(session) == head
+        verdict = verify_chain(session, [(head.seq, head.row_hash)])
+        assert verdict.ok and verdict.checked == 4, verdict
+        with pytest.raises(DBAPIError, match="append-only"):
+            session.execute(update(AuditEvent).values(actor="someone"))
+        session.rollback()
+        with pytest.raises(DBAPIError, match="moves only forward"):
+            session.execute(update(AuditChainHead).values(seq=0))
 
 
 def test_audit_events_refuse_update_and_delete(sessions: sessionmaker[Session], db_kind: str) -> None:

@@ -53,6 +53,7 @@ from pydicom import dcmread
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.audit.verify import verify_chain
 from node.db.models import AuditEvent, Instance, Job, OutputObject, Study, Transmission
 from node.queue.worker import POOL_IDLE_SECONDS
 
@@ -373,6 +374,9 @@ def test_crash_storm_loses_nothing_and_gives_one_result_per_image(
     assert events["node.started"] == len(storm.kills) + 1
     assert {t.state for t in transmissions} == {"sent"} and len(transmissions) == total + 2 * n_studies
     assert len(outputs) == total + 2 * n_studies
+    with sessions() as session:  # seven kill -9s in the middle of commits left one unbroken chain
+        verdict = verify_chain(session)
+    assert verdict.broken is None and verdict.checked == sum(events.values()), verdict.broken
 
     # -- the spool: no orphan, no partial file ---------------------------------------------------
     spool = tmp_path / "data" / "spool"

@@ -213,6 +213,7 @@ def test_export_writes_what_list_shows_and_is_audited(
                 {
                     **{k: (v if v != "" else None) for k, v in row.items()},
                     "id": int(row["id"]),
+                    "seq": int(row["seq"]),
                     "details": json.loads(row["details"]) if row["details"] else None,
                 }
                 for row in csv.DictReader(fh)
