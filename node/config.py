@@ -8,22 +8,62 @@ so it is never printed: :meth:`NodeConfig.describe` masks it and ``repr`` leaves
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
-from inference import SCREENING_VIEWS, MammoNodeError, parse_device
+from inference import SCREENING_VIEWS, parse_device
+from node.config_values import (
+    ConfigError,
+    mask_url,
+    parse_boolean,
+    parse_option,
+    split_list,
+    validate_ae_title,
+    validate_port,
+)
+from node.peer_settings import (
+    DESTINATION_MAX_CHARS,
+    STOW_KEYS,
+    STOW_PREFIX,
+    STOW_TIMEOUT_SECONDS,
+    AllowedPeer,
+    CertificateSubject,
+    Destination,
+    DestinationTLS,
+    StowAuth,
+    StowTarget,
+    parse_allowed_aes,
+    parse_destinations,
+)
 
-AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: 16 chars, no backslash
-
-
-class ConfigError(MammoNodeError):
-    """The configuration file or an environment variable is invalid."""
+__all__ = [  # the shared value checks and the peer settings are taken from here
+    "DESTINATION_MAX_CHARS",
+    "ENVIRONMENT",
+    "STOW_KEYS",
+    "STOW_PREFIX",
+    "STOW_TIMEOUT_SECONDS",
+    "AllowedPeer",
+    "CertificateSubject",
+    "ConfigError",
+    "Destination",
+    "DestinationTLS",
+    "InferenceBackend",
+    "NodeConfig",
+    "Preprocessing",
+    "Role",
+    "StowAuth",
+    "StowTarget",
+    "UnknownSopClasses",
+    "load_config",
+    "mask_url",
+    "parse_option",
+    "validate_ae_title",
+    "validate_port",
+]
 
 
 class UnknownSopClasses(StrEnum):
@@ -65,211 +105,6 @@ class Preprocessing(StrEnum):
     """pydicom + OpenCV."""
     DALI = "dali"
     """DALI on ``device`` (its CPU mode without a GPU)."""
-
-
-E = TypeVar("E", bound=StrEnum)
-
-
-def parse_option(option: type[E], value: Any, what: str) -> E:
-    """``value`` (a member or its word) as a member of ``option``; a one-line :class:`ConfigError`
-    naming ``what`` and the allowed words otherwise."""
-    try:
-        return option(value)
-    except ValueError:
-        allowed = ", ".join(option)
-        raise ConfigError(f"{what} must be one of {allowed}, not {value!r}") from None
-
-
-def validate_ae_title(value: str, what: str = "AE title") -> str:
-    """An AE title as PS3.5 allows it (1-16 printable characters, no backslash), stripped."""
-    text = str(value).strip()
-    if not text or not AE_TITLE_RE.match(text):
-        raise ConfigError(f"{what} {value!r} is not a valid AE title (1-16 printable characters)")
-    return text
-
-
-def validate_port(value: Any, what: str = "port") -> int:
-    try:
-        port = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} {value!r} is not a number") from None
-    if not 0 < port < 65536:
-        raise ConfigError(f"{what} {port} is outside 1-65535")
-    return port
-
-
-class StowAuth(StrEnum):
-    """How the node authenticates to a DICOMweb destination; the secret is read at send time from
-    the environment variable the destination's ``auth_env`` names, never from the config."""
-
-    BASIC = "basic"
-    """HTTP basic authentication: the variable holds ``USER:PASSWORD``."""
-    BEARER = "bearer"
-    """``Authorization: Bearer TOKEN``: the variable holds the token."""
-
-
-STOW_PREFIX = "stow:"
-"""How a DICOMweb destination is written in ``MAMMONODE_DESTINATIONS``, ``--to`` and the outbox."""
-STOW_KEYS = ("url", "auth", "auth_env", "timeout_seconds")
-STOW_TIMEOUT_SECONDS = 60.0
-DESTINATION_MAX_CHARS = 300
-"""A destination's text is stored in each of its outbox rows (``transmissions.destination``)."""
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-@dataclass(frozen=True)
-class StowTarget:
-    """A DICOMweb origin server that receives the results by STOW-RS (``POST {url}/studies``)."""
-
-    url: str
-    """Base URL of the DICOMweb service, e.g. ``http://pacs:8042/dicom-web``: http or https,
-    without credentials, query or trailing slash."""
-    auth: StowAuth | None = None
-    auth_env: str = ""
-    """Name of the environment variable holding the secret (``auth`` says what it holds)."""
-    timeout_seconds: float = STOW_TIMEOUT_SECONDS
-    """Connect and read timeout of each request."""
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> StowTarget:
-        """The keys of a DICOMweb ``[[destinations]]`` table (or of the ``stow:`` text form)."""
-        unknown = sorted(set(data) - set(STOW_KEYS))
-        if unknown:
-            raise ConfigError(
-                f"DICOMweb destination: unknown key(s) {', '.join(unknown)} ({', '.join(STOW_KEYS)})"
-            )
-        auth = parse_option(StowAuth, data["auth"], "destination auth") if "auth" in data else None
-        auth_env = str(data.get("auth_env", "")).strip()
-        if (auth is None) != (not auth_env):
-            raise ConfigError(
-                "DICOMweb destination: auth and auth_env go together (basic|bearer, a variable name)"
-            )
-        if auth_env and not _ENV_NAME_RE.match(auth_env):
-            raise ConfigError(f"destination auth_env {auth_env!r} is not an environment variable name")
-        try:
-            timeout = float(data.get("timeout_seconds", STOW_TIMEOUT_SECONDS))
-        except (TypeError, ValueError):
-            timeout = -1.0
-        if not 0 < timeout < float("inf"):
-            raise ConfigError(
-                f"destination timeout_seconds must be a number > 0, got {data['timeout_seconds']!r}"
-            )
-        return cls(_stow_url(data["url"]), auth, auth_env, timeout)
-
-    @classmethod
-    def parse(cls, text: str) -> StowTarget:
-        """``URL[;key=value...]``: the URL, then any other table key (``;auth=bearer;auth_env=X``)."""
-        url, *options = text.strip().split(";")
-        values: dict[str, Any] = {"url": url}
-        for option in options:
-            key, sep, value = option.partition("=")
-            if not sep or key.strip() in values:
-                raise ConfigError(f"destination option {option!r} must be key=value, each key once")
-            values[key.strip()] = value.strip()
-        return cls.from_mapping(values)
-
-
-def _stow_url(value: Any) -> str:
-    """A DICOMweb base URL as the node stores it (scheme and host in lower case, no trailing
-    slash), or a one-line ConfigError (which masks a password written into the URL)."""
-    url = str(value).strip().rstrip("/")
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:  # not a number, or outside 0-65535
-        port = -1
-    problem = ""
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        problem = "must be an http:// or https:// URL with a host"
-    elif port is not None and not 0 < port < 65536:
-        problem = "has an invalid port"
-    elif "[" in parts.netloc:  # dicomweb-client cannot parse an IPv6 literal
-        problem = "must name its host, not an IPv6 address"
-    elif parts.username is not None or parts.password is not None:
-        problem = "must not hold credentials (use auth and auth_env)"
-    elif parts.query or parts.fragment or any(c in url for c in " ,;"):
-        problem = "must have no query, fragment, space, comma or semicolon"
-    elif len(STOW_PREFIX + url) > DESTINATION_MAX_CHARS:
-        problem = f"is longer than {DESTINATION_MAX_CHARS - len(STOW_PREFIX)} characters"
-    if problem:
-        raise ConfigError(f"destination url {mask_url(str(value))!r} {problem}")
-    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path, "", ""))
-
-
-@dataclass(frozen=True)
-class Destination:
-    """Where the results go: a DICOM peer (C-STORE SCP at ``ae_title``, ``host``, ``port``), or,
-    when ``stow`` is set, a DICOMweb server (STOW-RS; ``host`` and ``port`` are its URL's and
-    ``ae_title`` is empty). ``str()`` is the destination's identity in the outbox and the audit:
-    ``AE@HOST:PORT`` or ``stow:URL`` (never a secret)."""
-
-    ae_title: str
-    host: str
-    port: int
-    stow: StowTarget | None = None
-
-    @classmethod
-    def web(cls, target: StowTarget) -> Destination:
-        """The destination that STOW-RSes to ``target``."""
-        parts = urlsplit(target.url)
-        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
-        return cls("", parts.hostname or "", port, target)
-
-    @classmethod
-    def parse(cls, text: str) -> Destination:
-        """``AE@HOST:PORT`` or ``stow:URL[;key=value...]`` (the ``--to`` and
-        ``MAMMONODE_DESTINATIONS`` forms; the keys are those of a DICOMweb table)."""
-        stripped = text.strip()
-        if stripped.lower().startswith(STOW_PREFIX):
-            return cls.web(StowTarget.parse(stripped[len(STOW_PREFIX) :]))
-        ae, sep, rest = stripped.partition("@")
-        host, sep2, port = rest.rpartition(":")
-        if not sep or not sep2 or not host:
-            raise ConfigError(f"destination {text!r} must look like AE@HOST:PORT or stow:URL")
-        ae_title = validate_ae_title(ae, "destination AE title")
-        return cls(ae_title, host, validate_port(port, "destination port"))
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> Destination:
-        """A ``[[destinations]]`` table: ``ae_title``, ``host``, ``port``, or ``url`` and its keys."""
-        if "url" in data:
-            return cls.web(StowTarget.from_mapping(data))
-        missing = {"ae_title", "host", "port"} - set(data)
-        if missing:
-            raise ConfigError(f"[[destinations]] entry needs {', '.join(sorted(missing))} (or a url)")
-        unknown = sorted(set(data) - {"ae_title", "host", "port"})
-        if unknown:
-            raise ConfigError(f"[[destinations]] entry: unknown key(s) {', '.join(unknown)}")
-        return cls(
-            validate_ae_title(data["ae_title"], "destination AE title"),
-            str(data["host"]),
-            validate_port(data["port"], "destination port"),
-        )
-
-    def __str__(self) -> str:
-        if self.stow is not None:
-            return f"{STOW_PREFIX}{self.stow.url}"
-        return f"{self.ae_title}@{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class AllowedPeer:
-    """One allow-list entry: a calling AE title, and optionally the host it must come from."""
-
-    ae_title: str
-    host: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> AllowedPeer:
-        """``AE`` or ``AE@HOST``."""
-        ae, _, host = text.strip().partition("@")
-        return cls(validate_ae_title(ae, "allowed calling AE"), host.strip() or None)
-
-    def admits(self, calling_ae: str, host: str) -> bool:
-        return calling_ae.strip() == self.ae_title and (self.host is None or self.host == host)
-
-    def __str__(self) -> str:
-        return self.ae_title if self.host is None else f"{self.ae_title}@{self.host}"
 
 
 @dataclass(frozen=True)
@@ -406,11 +241,6 @@ _OPTIONS: dict[str, type[StrEnum]] = {
 """Settings that take one of a fixed set of words, and the enum of those words."""
 
 
-def mask_url(url: str) -> str:
-    """``scheme://user:***@host/db``: the database URL without its password."""
-    return re.sub(r"(?<=://)([^:/@]+):[^@]*@", r"\1:***@", url)
-
-
 # Environment names deployments rely on; every other field is MAMMONODE_<FIELD NAME IN CAPITALS>.
 ENVIRONMENT: dict[str, str] = {
     "ae_title": "MAMMONODE_AE_TITLE",
@@ -457,7 +287,7 @@ def _coerce(name: str, value: Any, *, from_env: bool) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{what} must be a number, got {value!r}") from None
     if name in BOOLEAN_SETTINGS:
-        return _boolean(value, what)
+        return parse_boolean(value, what)
     if name == "model_dir":
         return Path(str(value)).expanduser() if str(value) else None
     if name in PATH_SETTINGS:
@@ -465,27 +295,13 @@ def _coerce(name: str, value: Any, *, from_env: bool) -> Any:
     if name == "data_dir":
         return Path(str(value) or ".").expanduser()
     if name == "allowed_aes":
-        items = _split(value) if from_env or isinstance(value, str) else [str(v) for v in value]
-        return tuple(AllowedPeer.parse(v) for v in items)
+        return parse_allowed_aes(value, what, from_env=from_env)
     if name == "expected_views":
-        items = _split(value) if from_env or isinstance(value, str) else [str(v) for v in value]
+        items = split_list(value) if from_env or isinstance(value, str) else [str(v) for v in value]
         return tuple(v.upper() for v in items)
     if name == "destinations":
-        return _destinations(value, what, from_env=from_env)
+        return parse_destinations(value, what, from_env=from_env)
     return str(value)
-
-
-def _destinations(value: Any, what: str, *, from_env: bool) -> tuple[Destination, ...]:
-    """``AE@HOST:PORT`` / ``stow:URL`` texts (comma-separated) or ``[[destinations]]`` tables;
-    a bad one is a one-line ConfigError naming the setting."""
-    try:
-        if from_env or isinstance(value, str):
-            return tuple(Destination.parse(v) for v in _split(value))
-        if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
-            raise ConfigError("must be [[destinations]] tables with ae_title, host, port or a url")
-        return tuple(Destination.from_mapping(v) for v in value)
-    except ConfigError as exc:
-        raise ConfigError(f"{what}: {exc}") from None
 
 
 BOOLEAN_SETTINGS = (
@@ -494,21 +310,6 @@ BOOLEAN_SETTINGS = (
     "tls_require_client_certificate",
 )
 PATH_SETTINGS = ("tls_certificate", "tls_private_key", "tls_ca_certificates")
-
-
-def _boolean(value: Any, what: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{what} must be true or false, got {value!r}")
-
-
-def _split(value: Any) -> list[str]:
-    return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
 def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> NodeConfig:

@@ -1,6 +1,7 @@
 """`mammonode echo HOST PORT` and `mammonode send PATH... --to AE@HOST:PORT`: the node's SCU
 from the command line, to check a peer and to push files (or a whole folder) to it; ``--to
-stow:URL`` sends them by DICOMweb STOW-RS instead (node.dicom.stow)."""
+AE@HOST:PORT;tls`` (and ``echo --tls``) speaks DICOM TLS with the config's certificate and CAs
+(node.dicom.tls); ``--to stow:URL`` sends by DICOMweb STOW-RS instead (node.dicom.stow)."""
 
 from __future__ import annotations
 
@@ -53,15 +54,23 @@ def echo_command(
     port: Annotated[int, typer.Argument(help="Its DICOM port.")],
     aec: Annotated[str, typer.Option("--aec", help="The peer's (called) AE title.")] = "ANY-SCP",
     aet: AetOption = None,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls", help="Use DICOM TLS: the config's CAs check the peer, its certificate is ours."
+        ),
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Send a C-ECHO (DICOM ping); exit 0 when the peer answers Success."""
-    from node.config import validate_ae_title, validate_port
+    from node.commands._admin import load
+    from node.config import DestinationTLS, validate_ae_title, validate_port
     from node.dicom.sender import echo
 
     _quiet_pynetdicom()
     called = validate_ae_title(aec, "--aec")
-    result = echo(host, validate_port(port), called, _calling_ae(aet, config))
+    over_tls, node = (DestinationTLS(), load(config)) if tls else (None, None)
+    result = echo(host, validate_port(port), called, _calling_ae(aet, config), over_tls=over_tls, config=node)
     if not result.ok:
         raise DicomPeerError(f"C-ECHO to {called}@{host}:{port} failed: {result.detail}")
     typer.echo(f"C-ECHO to {called}@{host}:{port}: {result.detail}")
@@ -70,13 +79,18 @@ def echo_command(
 def send_command(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched recursively).")],
     to: Annotated[
-        str, typer.Option("--to", help="Destination as AE@HOST:PORT, or stow:URL for DICOMweb STOW-RS.")
+        str,
+        typer.Option(
+            "--to",
+            help="Destination as AE@HOST:PORT (AE@HOST:PORT;tls for DICOM TLS), or stow:URL (STOW-RS).",
+        ),
     ],
     aet: AetOption = None,
     config: ConfigOption = None,
 ) -> None:
     """C-STORE files to a peer; one line per file that fails (one in all when the peer cannot be
     reached), exit 1 if any did."""
+    from node.commands._admin import load
     from node.config import Destination
     from node.dicom.sender import store_files
     from node.tools.offline import collect_files
@@ -84,10 +98,11 @@ def send_command(
     _quiet_pynetdicom()
     destination = Destination.parse(to)
     calling = _calling_ae(aet, config)
+    node = load(config) if destination.tls is not None else None  # its certificate and CAs
     files, missing = collect_files(paths)
     for path, reason in missing:
         typer.echo(f"error: {path}: {reason}", err=True)
-    outcomes = store_files(files, destination, calling) if files else []
+    outcomes = store_files(files, destination, calling, config=node) if files else []
     failed = len(missing) + sum(1 for o in outcomes if not o.ok)
     for line in failure_lines(outcomes, str(destination)):
         typer.echo(line, err=True)

@@ -13,28 +13,32 @@ failure is a named status (:mod:`node.dicom.status`) plus an ``instance.rejected
 when the database works; an unexpected exception is logged and answered PROCESSING_FAILURE, and
 the server keeps serving.
 
-Allow-list: ``config.allowed_aes`` lists calling AE titles, each optionally tied to a host.
-pynetdicom 3 only checks AE titles itself (``AE.require_calling_aet``); the host check is done in
-an ``EVT_REQUESTED`` handler, which runs after the A-ASSOCIATE-RQ is read and before pynetdicom
+Allow-list (:mod:`node.dicom.allowlist`): ``config.allowed_aes`` lists calling AE titles, each
+optionally bound to a host and to a DICOM TLS client-certificate subject. pynetdicom 3 only checks
+AE titles itself (``AE.require_calling_aet``); the host and certificate checks are done in an
+``EVT_REQUESTED`` handler, which runs after the A-ASSOCIATE-RQ is read and before pynetdicom
 negotiates. It answers A-ASSOCIATE-RJ (rejected-permanent, service user, calling AE title not
 recognised) through ``assoc.acse.send_reject`` and stops the association, the pattern pynetdicom
 documents for that event. Notification handlers' exceptions are swallowed by pynetdicom, so the
 handler fails closed on its own errors, and ``require_calling_aet`` is set as well, so an AE
 outside the list is refused even if the handler never ran. Host names in the allow-list are
 resolved to addresses once, at start.
+
+DICOM TLS (:mod:`node.dicom.tls`): with ``tls_certificate`` and ``tls_private_key`` the port speaks
+TLS only. A client whose handshake fails (no valid certificate when one is required, a certificate
+from another CA, plain DICOM) is refused before any association exists, and audited as
+``association.rejected`` with its address and the reason; the node keeps serving.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
-import socket
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
@@ -74,11 +78,13 @@ from inference import (
     scrub_library_logs,
 )
 from node import audit
-from node.config import AllowedPeer, NodeConfig
+from node.config import NodeConfig
 from node.db.models import Association, utcnow
-from node.dicom import codestream, intake
+from node.dicom import codestream, intake, tls
+from node.dicom.allowlist import AllowList
 from node.dicom.spool import InvalidUIDError, SpoolFullError, remove_stale_temp_files, write_instance
 from node.dicom.status import DimseStatus, RejectReason, RejectResult, RejectSource
+from node.observability import metrics
 
 log = logging.getLogger(__name__)
 
@@ -138,72 +144,6 @@ def decodable_transfer_syntaxes() -> list[UID]:
 
 
 # --------------------------------------------------------------------------------------------
-# Allow-list
-# --------------------------------------------------------------------------------------------
-
-
-def normalise_address(address: str) -> str:
-    """An IP address in canonical text (IPv4-mapped IPv6 as plain IPv4); other text unchanged."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
-
-
-def resolve_host(host: str) -> frozenset[str]:
-    """The addresses ``host`` stands for (itself if an IP address; DNS otherwise, once)."""
-    addresses = {normalise_address(host)}
-    try:
-        ipaddress.ip_address(host)
-        return frozenset(addresses)
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError as exc:
-        log.warning("allow-list host %s does not resolve (%s); it matches only itself", host, exc)
-        return frozenset(addresses)
-    addresses.update(normalise_address(str(info[4][0])) for info in infos)
-    return frozenset(addresses)
-
-
-@dataclass(frozen=True)
-class AllowList:
-    """Calling AE titles the node accepts, each from any host (None) or from given addresses."""
-
-    entries: tuple[tuple[str, frozenset[str] | None], ...] = ()
-
-    @classmethod
-    def from_peers(cls, peers: Sequence[AllowedPeer]) -> AllowList:
-        return cls(tuple((p.ae_title, None if p.host is None else resolve_host(p.host)) for p in peers))
-
-    @property
-    def open(self) -> bool:
-        """No entries: every calling AE is accepted."""
-        return not self.entries
-
-    def refusal(self, calling_ae: str, address: str) -> str | None:
-        """None when admitted, else the reason (for the audit log)."""
-        if self.open:
-            return None
-        calling_ae = calling_ae.strip()
-        address = normalise_address(address)
-        known = False
-        for ae_title, hosts in self.entries:
-            if ae_title != calling_ae:
-                continue
-            known = True
-            if hosts is None or address in hosts:
-                return None
-        if known:
-            return "calling AE title not allowed from this host"
-        return "calling AE title not in the allow-list"
-
-
-# --------------------------------------------------------------------------------------------
 # The SCP
 # --------------------------------------------------------------------------------------------
 
@@ -251,11 +191,14 @@ class NodeSCP:
     # -- associations ------------------------------------------------------------------------
 
     def on_requested(self, event: Event) -> None:
-        """Refuse a calling AE / host outside the allow-list before negotiation (fail closed)."""
+        """Refuse a calling AE / host / certificate outside the allow-list before negotiation (fail
+        closed)."""
         assoc = event.assoc
         calling_ae = _calling_ae(assoc)
         try:
-            reason = self.allow_list.refusal(calling_ae, str(assoc.requestor.address))
+            peer = tls.peer_certificate(assoc)
+            subject = peer[1] if peer is not None else None
+            reason = self.allow_list.refusal(calling_ae, str(assoc.requestor.address), subject)
         except Exception:
             log.exception("allow-list check failed; rejecting the association")
             reason = "allow-list check failed"
@@ -303,12 +246,39 @@ class NodeSCP:
         with self._lock:
             return self._rows.get(assoc)
 
+    def on_handshake_failure(self, host: str, port: int, reason: str) -> None:
+        """A client refused during the TLS handshake (no association, no AE titles yet): audited
+        as ``association.rejected`` with its address and the reason."""
+        self._record(host, port, "", "", accepted=False, reason=reason, details={"tls": "handshake failed"})
+
     def _record_association(
         self, assoc: PynetAssociation, *, accepted: bool, reason: str | None
     ) -> int | None:
-        calling_ae = _calling_ae(assoc)
         called_ae = str(getattr(assoc.requestor.primitive, "called_ae_title", "") or "").strip()
+        details: dict[str, Any] = {}
+        peer = tls.peer_certificate(assoc)
+        if peer is not None:  # over DICOM TLS: the version and the verified client certificate
+            subject = "/".join(f"{name}={value}" for name, value in peer[1]) if peer[1] else None
+            details = {"tls": peer[0], "client_certificate": subject}
         host, port = str(assoc.requestor.address), int(assoc.requestor.port or 0)
+        calling_ae = _calling_ae(assoc)
+        return self._record(
+            host, port, calling_ae, called_ae, accepted=accepted, reason=reason, details=details
+        )
+
+    def _record(
+        self,
+        host: str,
+        port: int,
+        calling_ae: str,
+        called_ae: str,
+        *,
+        accepted: bool,
+        reason: str | None,
+        details: dict[str, Any],
+    ) -> int | None:
+        """An ``associations`` row and its audit event; the row id (None if the database failed)."""
+        metrics.record_association(accepted, reason)
         try:
             with self.sessions() as session:
                 row = Association(
@@ -317,7 +287,7 @@ class NodeSCP:
                     peer_host=host[:255],
                     peer_port=port,
                     accepted=accepted,
-                    reason=reason,
+                    reason=reason[:255] if reason else reason,
                 )
                 session.add(row)
                 session.flush()
@@ -325,18 +295,19 @@ class NodeSCP:
                     session,
                     audit.ASSOCIATION_ACCEPTED if accepted else audit.ASSOCIATION_REJECTED,
                     ACTOR,
-                    calling_ae=calling_ae,
+                    calling_ae=calling_ae or None,
                     peer=f"{host}:{port}",
-                    details={"association_id": row.id, "called_ae": called_ae, "reason": reason},
+                    details={"association_id": row.id, "called_ae": called_ae, "reason": reason, **details},
                 )
                 session.commit()
                 return row.id
         except SQLAlchemyError:
-            log.exception("could not record an association from %s", calling_ae)
+            log.exception("could not record an association from %s (%s)", calling_ae or "-", host)
             return None
 
     # -- C-STORE -----------------------------------------------------------------------------
 
+    @metrics.counts_store_status
     def on_store(self, event: Event) -> int:
         """Store one instance; Success only once its file is synced and its row committed."""
         started = time.monotonic()
@@ -531,9 +502,11 @@ def _valid_uid_tag(header: Dataset | None, keyword: str) -> str | None:
 def start_scp(config: NodeConfig, sessions: sessionmaker[Session]) -> ThreadedAssociationServer:
     """Start the node's SCP in background threads on ``config.bind_address:config.port``.
 
-    Removes interrupted spool writes first. Stop it with ``server.shutdown()``. Raises OSError
-    when the port cannot be bound.
+    Speaks DICOM TLS when the config has a certificate and key (:mod:`node.dicom.tls`). Removes
+    interrupted spool writes first. Stop it with ``server.shutdown()``. Raises ConfigError for
+    unusable TLS files (before the port opens) and OSError when the port cannot be bound.
     """
+    context = tls.server_context(config)
     config.spool_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(config)
     scrub_library_logs()
@@ -541,13 +514,14 @@ def start_scp(config: NodeConfig, sessions: sessionmaker[Session]) -> ThreadedAs
     ae = scp.build_ae()
     if scp.allow_list.open:
         log.warning("no allowed_aes configured: every calling AE may store to this node")
-    server = ae.start_server((config.bind_address, config.port), block=False, evt_handlers=scp.handlers)
-    assert server is not None  # block=False always returns the server
+    address = (config.bind_address, config.port)
+    server = tls.start_server(ae, address, context, scp.handlers, scp.on_handshake_failure)
     log.info(
-        "DICOM SCP %s listening on %s:%d (other storage SOP classes: %s)",
+        "DICOM SCP %s listening on %s:%d%s (other storage SOP classes: %s)",
         config.ae_title,
         config.bind_address,
         config.port,
+        "" if context is None else " with DICOM TLS",
         config.unknown_sop_classes,
     )
     return server

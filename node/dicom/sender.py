@@ -1,5 +1,7 @@
 """C-STORE and C-ECHO SCU: `mammonode send` / `echo`, and the outbox sender of `mammonode serve`.
 
+A DICOM TLS destination (``AE@HOST:PORT;tls``) gets the same C-STOREs over TLS
+(:mod:`node.dicom.tls`: its server certificate checked, the node's certificate presented).
 A DICOMweb destination (``stow:URL``) is sent to by STOW-RS instead (:mod:`node.dicom.stow`),
 through the same outbox pass, backoff, dead letters and audit; its HTTP answers map onto the rules
 below as that module's docstring tabulates.
@@ -38,12 +40,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from inference import InputError, read_dataset
 from node import audit
-from node.config import ConfigError, Destination, NodeConfig
+from node.config import ConfigError, Destination, DestinationTLS, NodeConfig
 from node.db.models import Job, OutputObject, Study, Transmission, as_utc, utcnow
 from node.db.states import TRANSMISSION_DUE, TransmissionState, check_transition
-from node.dicom import stow
+from node.dicom import stow, tls
 from node.dicom.outcome import SUCCESS_NAME, SendOutcome
 from node.dicom.status import RejectResult, is_success, is_transient_failure, status_name
+from node.observability import metrics
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ def _make_ae(calling_ae: str, max_pdu: int) -> AE:
     return ae
 
 
-def _association_failure(assoc: Association) -> tuple[str, bool]:
+def _association_failure(assoc: Association, over_tls: bool = False) -> tuple[str, bool]:
     """Why an association was not established, and whether that is permanent for the objects
     (never: no association says anything about the objects; the destination is retried)."""
     if assoc.is_rejected:
@@ -94,18 +97,31 @@ def _association_failure(assoc: Association) -> tuple[str, bool]:
         kind = "permanent" if result == RejectResult.PERMANENT else "transient"
         reason = getattr(primitive, "reason_str", "") or "no reason given"
         return f"association rejected ({kind}): {reason}", False
+    if assoc.is_aborted and over_tls:  # pynetdicom logs the handshake's error, it does not keep it
+        return "no association: connection refused or timed out, TLS handshake failed, or aborted", False
     if assoc.is_aborted:
         return "no association: connection refused or timed out, or aborted by the peer", False
     return "no association: the peer did not answer", False
 
 
-def echo(host: str, port: int, called_ae: str, calling_ae: str, *, max_pdu: int = MAX_PDU) -> EchoResult:
-    """One C-ECHO; ``ok`` when the peer answered Success."""
+def echo(
+    host: str,
+    port: int,
+    called_ae: str,
+    calling_ae: str,
+    *,
+    max_pdu: int = MAX_PDU,
+    over_tls: DestinationTLS | None = None,
+    config: NodeConfig | None = None,
+) -> EchoResult:
+    """One C-ECHO, over DICOM TLS with ``over_tls`` (``config`` gives the node's certificate and
+    CAs); ``ok`` when the peer answered Success. Raises ConfigError for unusable TLS files."""
     ae = _make_ae(calling_ae, max_pdu)
     ae.add_requested_context(VERIFICATION)
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    tls_args = tls.tls_args(Destination(called_ae, host, port, tls=over_tls), config)
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
     if not assoc.is_established:
-        detail, _ = _association_failure(assoc)
+        detail, _ = _association_failure(assoc, over_tls is not None)
         return EchoResult(False, None, detail)
     try:
         rsp = assoc.send_c_echo()
@@ -160,10 +176,16 @@ def _chunks(files: Sequence[_File]) -> list[list[_File]]:
 
 
 def store_files(
-    paths: Iterable[Path], destination: Destination, calling_ae: str, *, max_pdu: int = MAX_PDU
+    paths: Iterable[Path],
+    destination: Destination,
+    calling_ae: str,
+    *,
+    max_pdu: int = MAX_PDU,
+    config: NodeConfig | None = None,
 ) -> list[SendOutcome]:
     """C-STORE ``paths`` to ``destination``, one association (per 120 contexts); one outcome per
     path, in order. Unreadable and non-DICOM files fail permanently without stopping the rest.
+    A TLS destination is checked against, and shown, the TLS files of ``config`` (the node's).
     A DICOMweb destination gets them by STOW-RS instead (:func:`node.dicom.stow.store_instances`)."""
     if destination.stow is not None:
         return stow.store_instances([Path(p) for p in paths], destination.stow)
@@ -178,21 +200,26 @@ def store_files(
         except (InputError, OSError) as exc:
             outcomes[path] = SendOutcome(path, None, f"not sent: {exc}", permanent=True)
     for chunk in _chunks(files):
-        for outcome in _store_chunk(chunk, destination, calling_ae, max_pdu):
+        for outcome in _store_chunk(chunk, destination, calling_ae, max_pdu, config):
             outcomes[outcome.path] = outcome
     return [outcomes[p] for p in order]
 
 
 def _store_chunk(
-    files: list[_File], destination: Destination, calling_ae: str, max_pdu: int
+    files: list[_File], destination: Destination, calling_ae: str, max_pdu: int, config: NodeConfig | None
 ) -> list[SendOutcome]:
+    try:
+        tls_args = tls.tls_args(destination, config)
+    except ConfigError as exc:  # fixed on the node (a file restored), after which delivery resumes
+        log.warning("cannot send to %s: DICOM TLS: %s", destination, exc)
+        return [SendOutcome(f.path, None, f"DICOM TLS not usable: {exc}") for f in files]
     ae = _make_ae(calling_ae, max_pdu)
     for sop_class, ts in dict.fromkeys((f.sop_class, f.transfer_syntax) for f in files):
         for syntaxes in _contexts(ts):
             ae.add_requested_context(sop_class, syntaxes)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
-        detail, permanent = _association_failure(assoc)
+        detail, permanent = _association_failure(assoc, tls_args is not None)
         log.warning("cannot send to %s: %s", destination, detail)
         return [SendOutcome(f.path, None, detail, permanent) for f in files]
     outcomes: list[SendOutcome] = []
@@ -302,17 +329,26 @@ def _send_to(config: NodeConfig, destination_text: str, items: list[_Due]) -> li
     except ConfigError as exc:
         return [SendOutcome(p, None, f"invalid destination: {exc}", permanent=True) for p in paths]
     present = [p for p in paths if p.is_file()]
-    sent = {o.path: o for o in store_files(present, destination, config.ae_title, max_pdu=config.max_pdu)}
+    sent = {
+        o.path: o
+        for o in store_files(present, destination, config.ae_title, max_pdu=config.max_pdu, config=config)
+    }
     return [sent.get(p) or SendOutcome(p, None, "outbox file is missing", permanent=True) for p in paths]
 
 
 def _destination(config: NodeConfig, text: str) -> Destination:
-    """The configured destination an outbox row names (a DICOMweb one carries its auth and timeout),
-    else the row's own text parsed: a destination removed from the config still gets its rows."""
+    """The configured destination an outbox row names (a DICOMweb one carries its auth and timeout,
+    a TLS one its CA and server name), else the row's own text parsed: a destination removed from
+    the config still gets its rows. A DICOM row follows its AE@HOST:PORT's current TLS setting, so
+    rows queued before TLS was turned on for it are not sent in clear."""
     for destination in config.destinations:
         if str(destination) == text:
             return destination
-    return Destination.parse(text)
+    parsed = Destination.parse(text)
+    for destination in config.destinations:
+        if parsed.stow is None and destination.stow is None and destination.address == parsed.address:
+            return destination
+    return parsed
 
 
 def _apply(session: Session, config: NodeConfig, item: _Due, outcome: SendOutcome, now: dt.datetime) -> None:
@@ -354,6 +390,7 @@ def _apply(session: Session, config: NodeConfig, item: _Due, outcome: SendOutcom
                 outcome.detail,
                 delay,
             )
+    metrics.record_transmission(row.state, item.destination)
     audit.record(
         session,
         event,

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from node import audit
 from node.config import AllowedPeer
 from node.db.models import Association
-from node.dicom.scp import AllowList, normalise_address
+from node.dicom.allowlist import AllowList, normalise_address
 from node.dicom.status import DimseStatus, RejectReason, RejectResult
 
 ALLOWED = (
