@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from node.config import Role
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", help="TOML config file (MAMMONODE_* variables override it).")
@@ -18,17 +21,32 @@ def register(app: typer.Typer) -> None:
     app.command()(studies)
 
 
-def serve(config: ConfigOption = None) -> None:
+def serve(
+    config: ConfigOption = None,
+    role: Annotated[
+        Role | None,
+        typer.Option(
+            "--role",
+            help="all: the whole node; receiver: SCP and assembly; worker: scoring; sender: delivery "
+            "(overrides the role setting; split roles need PostgreSQL and a shared data folder).",
+        ),
+    ] = None,
+) -> None:
     """Run the node: receive studies over DICOM, score them, send the results to the destinations."""
     from node.config import load_config
-    from node.service import Node, database_kind
+    from node.private_files import restrict_umask
+    from node.service import RECEIVES, SENDS, Node, database_kind
 
+    restrict_umask()  # spool, outbox and database hold patient data, whatever umask we were given
     cfg = load_config(config)
+    if role is not None:
+        cfg = replace(cfg, role=role)
+    where = f" on {cfg.bind_address}:{cfg.port}" if cfg.role in RECEIVES else ""
     typer.echo(
-        f"mammonode serving AE {cfg.ae_title} on {cfg.bind_address}:{cfg.port}, data {cfg.data_dir}, "
+        f"mammonode serving AE {cfg.ae_title} as {cfg.role}{where}, data {cfg.data_dir}, "
         f"database {database_kind(cfg.resolved_database_url)}"
     )
-    if not cfg.destinations:
+    if cfg.role in SENDS and not cfg.destinations:
         typer.echo("warning: no destinations configured: results stay in the outbox", err=True)
     Node(cfg).serve_forever()
 

@@ -23,9 +23,7 @@ import dataclasses
 import datetime as dt
 import functools
 import logging
-import os
-import socket
-import uuid
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +56,8 @@ from node.db.models import Breast, Instance, Job, Score, Study, utcnow
 from node.db.states import JobState, StudyState, check_transition, move
 from node.dicom.intake import side_code
 from node.dicom.spool import read_and_prepare, read_spooled
-from node.queue.claims import claim_job, is_due, requeue_stale_claims
+from node.observability import metrics
+from node.queue.claims import claim_job, is_claimable, renew_leases, requeue_stale_claims, worker_name
 from node.queue.results import add_output, score_rows, write_outputs
 from node.queue.retry import MAX_ATTEMPTS, failure_delay, is_transient, transient_delay
 
@@ -100,6 +99,7 @@ class _Work:
     """The study's images that could not be analysed (this run's and earlier versions')."""
     scores: list[ImageScore] | None = None
     """Already scored with the images (DALI prepares and infers in one step); None otherwise."""
+    started: float = field(default_factory=time.monotonic)  # claimed at (for the latency metric)
 
 
 class Worker:
@@ -122,7 +122,7 @@ class Worker:
     ) -> None:
         self.config = config
         self.sessions = sessions
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.name = name or worker_name()
         self._pool = decode_pool or shared_pool()
         self._factory = pipeline_factory or default_pipeline_factory(config)
         self._pipeline: Pipeline | None = None
@@ -152,6 +152,11 @@ class Worker:
             )
         return self._pipeline
 
+    def heartbeat(self) -> int:
+        """Renew the leases of the jobs this worker holds (from a thread of its own, since a round
+        may spend minutes in one batch); returns how many."""
+        return renew_leases(self.sessions, self.name, self.config.lease_seconds)
+
     def run_once(self) -> int:
         """Claim jobs until a batch is full, score them together, commit each; returns jobs handled.
 
@@ -160,15 +165,15 @@ class Worker:
         """
         requeue_stale_claims(self.sessions, worker=self.name)
         with self.sessions() as session:
-            pending = select(Job.id).where(Job.state == JobState.PENDING, is_due(utcnow())).limit(1)
-            if session.scalar(pending) is None:
+            if session.scalar(select(Job.id).where(is_claimable(utcnow())).limit(1)) is None:
                 self._pool.close_if_idle(POOL_IDLE_SECONDS)
                 return 0
         pipeline = self.load()
+        started = time.monotonic()
         works: list[_Work] = []
         claimed = n_images = 0
         while n_images < pipeline.batch_size:
-            job_id = claim_job(self.sessions, self.name)
+            job_id = claim_job(self.sessions, self.name, self.config.lease_seconds)
             if job_id is None:
                 break
             claimed += 1
@@ -193,6 +198,7 @@ class Worker:
                 self._finish(work, scores, pipeline)
             except Exception as exc:  # noqa: BLE001 - recorded on the job; the node keeps serving
                 self._fail(work.job_id, exc)
+        metrics.record_scoring_round(n_images, time.monotonic() - started)
         del works
         release_memory()  # a burst of mammograms must not leave the node's heap at its peak
         return claimed
@@ -420,6 +426,7 @@ class Worker:
                 },
             )
             session.commit()
+        metrics.record_job_scored(time.monotonic() - work.started, len(work.images))
         log.info(
             "study %s version %d scored: exam %.3f, %d outputs, study now %s",
             work.study_uid,
@@ -543,7 +550,7 @@ class Worker:
                 log.error("job %d failed for good after %d attempts: %s", job_id, job.attempts, error)
             else:
                 job.state = check_transition(job.state, JobState.PENDING)
-                job.claimed_by, job.claimed_at = None, None
+                job.claimed_by, job.claimed_at, job.lease_expires_at = None, None, None
                 job.next_attempt_at = now + dt.timedelta(seconds=delay)
                 log.warning(
                     "job %d %s; retrying in %.0f s: %s",

@@ -192,6 +192,14 @@ def db_url(db_kind: str, request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 @pytest.fixture
+def pg_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh PostgreSQL database at head, for the tests that need PostgreSQL alone (workers on
+    several machines share one; SQLite has no place in that deployment)."""
+    with _fresh_database(request, "postgresql", "pg", at_head=True) as url:
+        yield url
+
+
+@pytest.fixture
 def empty_db_url(db_kind: str, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh database with no tables at all, for tests of the migrations themselves."""
     with _fresh_database(request, db_kind, "empty", at_head=False) as url:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from queue_helpers import MG_FOR_PROCESSING, STUDY, T0, add_instance, events, make_config, study_row
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db.models import Breast, Job, Study
+from node.db.models import Breast, Job, Study, utcnow
 from node.queue.assembly import promote_ready
-from node.queue.claims import claim_job, requeue_stale_claims
+from node.queue.claims import claim_job, renew_leases, requeue_stale_claims
 
+LEASE = 60.0
 FOUR = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
 
 
@@ -158,6 +162,13 @@ def test_a_failed_version_is_not_reused(sessions: sessionmaker[Session], tmp_pat
     ]
 
 
+def _gone_worker() -> str:
+    """The name a worker of this host had in a process that has exited."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return f"{socket.gethostname()}:{child.pid}:0dead0"
+
+
 def test_claims_left_by_dead_workers_are_requeued_without_charging_the_job(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
@@ -167,18 +178,40 @@ def test_claims_left_by_dead_workers_are_requeued_without_charging_the_job(
     config = make_config(tmp_path)
     _add_views(sessions, FOUR)
     (job_id,) = promote_ready(config, sessions, now=_seconds(5))
-    assert claim_job(sessions, "dead-worker") == job_id
+    assert claim_job(sessions, _gone_worker(), LEASE) == job_id
     assert study_row(sessions).state == "scoring"
-    assert claim_job(sessions, "other") is None  # claimed means claimed
+    assert claim_job(sessions, "other", LEASE) is None  # claimed means claimed
 
     for restart in range(6):
         assert requeue_stale_claims(sessions) == 1, restart
         (job,) = _jobs(sessions)
         assert (job.state, job.claimed_by, job.attempts) == ("pending", None, 0)
         assert study_row(sessions).state == "queued"
-        assert claim_job(sessions, f"worker-{restart}") == job_id
+        assert claim_job(sessions, _gone_worker(), LEASE) == job_id
     assert not events(sessions, "study.failed")
 
     # A live worker puts back only its own stale claims (one it could not release).
     assert requeue_stale_claims(sessions, worker="someone-else") == 0
-    assert requeue_stale_claims(sessions, worker="worker-5") == 1
+    (job,) = _jobs(sessions)
+    assert requeue_stale_claims(sessions, worker=job.claimed_by) == 1
+
+
+def test_a_starting_node_leaves_live_workers_claims_alone_until_their_lease_lapses(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Workers on other machines: their process cannot be looked up, only their lease tells."""
+    config = make_config(tmp_path)
+    _add_views(sessions, FOUR)
+    (job_id,) = promote_ready(config, sessions, now=_seconds(5))
+    now = utcnow()
+    assert claim_job(sessions, "other-host:4242:abcd", LEASE, now=now) == job_id
+    assert requeue_stale_claims(sessions) == 0
+    assert claim_job(sessions, "me", LEASE, now=now + dt.timedelta(seconds=LEASE - 1)) is None
+    # Its heartbeat keeps the job; once the heartbeats stop, the lease lapses and the job is taken.
+    assert renew_leases(sessions, "other-host:4242:abcd", LEASE, now=now + dt.timedelta(seconds=50)) == 1
+    assert claim_job(sessions, "me", LEASE, now=now + dt.timedelta(seconds=LEASE + 1)) is None
+    later = now + dt.timedelta(seconds=50 + LEASE + 1)
+    assert claim_job(sessions, "me", LEASE, now=later) == job_id
+    (job,) = _jobs(sessions)
+    assert (job.state, job.claimed_by, job.attempts) == ("claimed", "me", 0)
+    assert renew_leases(sessions, "other-host:4242:abcd", LEASE) == 0  # the old claimer holds nothing

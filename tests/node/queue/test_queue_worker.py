@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from node.db.models import (
     utcnow,
 )
 from node.queue.assembly import promote_ready
-from node.queue.claims import claim_job, requeue_stale_claims
+from node.queue.claims import claim_job, renew_leases, requeue_stale_claims
 from node.queue.retry import MAX_ATTEMPTS
 from node.queue.worker import Worker
 
@@ -416,7 +417,7 @@ def test_concurrent_claims_take_each_job_exactly_once(
     def claim_all(name: str) -> None:
         mine = claimed.setdefault(name, [])
         start.wait()
-        while (job_id := claim_job(sessions, name)) is not None:
+        while (job_id := claim_job(sessions, name, 60.0)) is not None:
             mine.append(job_id)
 
     threads = [threading.Thread(target=claim_all, args=(f"w{i}",)) for i in range(4)]
@@ -594,3 +595,23 @@ def test_a_worker_with_dali_preprocessing_scores_like_the_cpu_path(
     assert max(abs(got[uid] - want[uid]) for uid in want) <= 0.02
     assert sorted(o.kind for o in _outputs(sessions, job_id)) == ["CAD"] + ["SC"] * 4 + ["SR"]
     assert sum(by_dali) == 4, "every J2K image went through DALI, none fell back"
+
+
+def test_a_job_whose_claimer_stopped_renewing_is_taken_over_and_completed_once(
+    sessions: sessionmaker[Session], tmp_path: Path, test_model: Path, studies: dict[str, list[Path]]
+) -> None:
+    """The last job of the queue, held by a worker on another machine that went silent: no other
+    job is pending, yet a live worker takes it over once the lease lapses; the silent worker, if
+    it comes back, cannot complete it a second time."""
+    config = _config(tmp_path, test_model, lease_seconds=2.0)
+    (job_id,) = _queue(sessions, config, studies["a"])
+    assert claim_job(sessions, "elsewhere:1:silent", config.lease_seconds) == job_id
+    worker = Worker(config, sessions)
+    assert worker.run_once() == 0  # the lease still runs: the job is not free
+    time.sleep(config.lease_seconds + 0.2)
+    assert worker.run_once() == 1
+    job = _job(sessions, job_id)
+    assert (job.state, job.claimed_by, job.attempts) == ("done", worker.name, 0)
+    assert len(_outputs(sessions, job_id)) == 6
+    assert renew_leases(sessions, "elsewhere:1:silent", config.lease_seconds) == 0
+    assert len(events(sessions, "study.scored")) == 1

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import pytest
 from peers import free_port, storage_scp, write_study
 from pynetdicom.status import Status
 from queue_helpers import T0, add_instance, c_store, events
+from serve_helpers import port_open, serve_env, toml_config, wait_until
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
@@ -32,16 +30,10 @@ MAMMONODE = Path(sys.executable).with_name("mammonode")
 STUDY = derive_uid("tests", "serve-command")
 
 
-def _env(**values: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAMMONODE_")}
-    env.update(values)
-    return env
-
-
 def test_serve_names_the_database_kind_never_its_url(tmp_path: Path) -> None:
     secret = "s3cret-pw"
     url = f"postgresql+psycopg://mammo:{secret}@127.0.0.1:{free_port()}/node"
-    env = _env(
+    env = serve_env(
         MAMMONODE_DATA_DIR=str(tmp_path / "data"),
         MAMMONODE_DATABASE_URL=url,
         MAMMONODE_PORT=str(free_port()),
@@ -55,44 +47,17 @@ def test_serve_names_the_database_kind_never_its_url(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot open the database")
 
 
-def _toml(path: Path, **values: object) -> Path:
-    """A config file: scalars as ``key = value``, lists of dicts as ``[[key]]`` tables."""
-    lines, tables = [], []
-    for key, value in values.items():
-        if isinstance(value, list) and value and isinstance(value[0], dict):
-            for item in value:
-                tables += [f"[[{key}]]", *(f"{k} = {json.dumps(v)}" for k, v in item.items())]
-        else:
-            lines.append(f"{key} = {json.dumps(value)}")
-    path.write_text("\n".join(lines + tables) + "\n", encoding="utf-8")
-    return path
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.1)
-
-
 @contextmanager
 def _serve(config: Path, port: int) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen(
         [MAMMONODE, "serve", "--config", str(config)],
-        env=_env(),
+        env=serve_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        _wait(lambda: _port_open(port) or proc.poll() is not None, 120, "node did not start")
+        wait_until(lambda: port_open(port) or proc.poll() is not None, 120, "node did not start")
         assert proc.poll() is None, proc.communicate()[1]
         yield proc
     finally:
@@ -117,14 +82,14 @@ def test_a_node_killed_after_receiving_delivers_one_set_of_results_after_restart
         "destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
     }
     # First life: it stores the study, then dies (kill -9) long before the study is due.
-    slow = _toml(tmp_path / "slow.toml", grace_seconds=3600.0, study_quiet_seconds=3600.0, **common)
+    slow = toml_config(tmp_path / "slow.toml", grace_seconds=3600.0, study_quiet_seconds=3600.0, **common)
     with _serve(slow, port) as proc:
         assert c_store(files, port) == [int(Status.SUCCESS)] * 4
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
 
     # Second life: the study is due at once, is scored and delivered; SIGTERM stops it cleanly.
-    quick = _toml(tmp_path / "quick.toml", grace_seconds=0.2, study_quiet_seconds=30.0, **common)
+    quick = toml_config(tmp_path / "quick.toml", grace_seconds=0.2, study_quiet_seconds=30.0, **common)
     with storage_scp("PACS", port=pacs_port) as pacs, _serve(quick, port) as proc:
         pacs.wait_for(RESULTS_PER_STUDY, timeout=120)
 
@@ -133,7 +98,7 @@ def test_a_node_killed_after_receiving_delivers_one_set_of_results_after_restart
                 states = session.scalars(select(Transmission.state)).all()
             return len(states) == RESULTS_PER_STUDY and set(states) == {"sent"}
 
-        _wait(all_sent, 60, "transmissions not marked sent")
+        wait_until(all_sent, 60, "transmissions not marked sent")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         assert (
@@ -195,7 +160,7 @@ def test_studies_lists_state_latest_scores_model_and_delivery(
             )
         session.commit()
 
-    env = _env(MAMMONODE_DATABASE_URL=db_url, MAMMONODE_DATA_DIR=str(tmp_path))
+    env = serve_env(MAMMONODE_DATABASE_URL=db_url, MAMMONODE_DATA_DIR=str(tmp_path))
     code, out, err = _run("studies", "--json", env=env)
     assert code == 0, err
     rows = json.loads(out)
@@ -219,7 +184,7 @@ def test_studies_lists_state_latest_scores_model_and_delivery(
 def test_studies_without_a_node_database_says_so(tmp_path: Path) -> None:
     proc = subprocess.run(
         [MAMMONODE, "studies"],
-        env=_env(MAMMONODE_DATA_DIR=str(tmp_path / "nothing")),
+        env=serve_env(MAMMONODE_DATA_DIR=str(tmp_path / "nothing")),
         capture_output=True,
         text=True,
     )
