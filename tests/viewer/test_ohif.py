@@ -170,6 +170,56 @@ def _wait(condition: Any, what: str, log: BrowserLog, screenshot: Path, timeout:
 # -- 1. the CAM secondary captures -----------------------------------------------------------------
 
 
+RENDER_ATTEMPTS = 2
+"""Headless chromium draws WebGL with SwiftShader. Once, in a full clean-clone CI run
+(2026-12-03), a capture that had loaded (its overlay was shown) stayed black for 90 s and showed at
+once when the test ran again alone. Reopening the study tells that apart from a capture that is
+black: a black capture stays black in every attempt."""
+
+
+def _show_cam_series(
+    ohif: Ohif,
+    log: BrowserLog,
+    series: str,
+    sops: set[str],
+    capture: Any,
+    page_png: Path,
+    canvas_png: Path,
+) -> tuple[dict[str, Any], dict[str, float] | None]:
+    """Open the study, double-click the CAM series; what the viewport shows and the canvas's
+    statistics once it is not black (None if it stays black for a load timeout)."""
+    ohif.open_study(STUDY_UID)
+    _wait(
+        lambda: sum(d["images"] for d in ohif.display_sets() if d["series"] == series) == len(sops),
+        f"the {len(sops)} captures of the CAM series {capture.SeriesDescription!r} are not all "
+        "in OHIF's study browser",
+        log,
+        page_png,
+    )
+    display_set = ohif.open_series(series)
+    shown = _wait(
+        lambda: (
+            (vp := ohif.viewport())
+            and display_set["uid"] in vp.get("displaySets", [])
+            and any(uid in vp.get("imageId", "") for uid in sops)
+            and vp
+        ),
+        "the viewport does not show a CAM secondary capture",
+        log,
+        page_png,
+    )
+
+    def rendered() -> dict[str, float] | None:
+        ohif.viewport_canvas().screenshot(path=str(canvas_png))
+        stats = image_stats(canvas_png.read_bytes())
+        return stats if stats["std"] > 10 and stats["nonblack"] > 0.05 else None
+
+    try:
+        return shown, wait_for(rendered, "the CAM secondary capture stays black", LOAD_TIMEOUT)
+    except TimeoutError:
+        return shown, None
+
+
 def test_cam_secondary_captures_are_listed_and_displayed(viewer: Viewer, artifacts: Path) -> None:
     capture = _header(viewer.study.secondary_captures[0])
     series = str(capture.SeriesInstanceUID)
@@ -179,33 +229,14 @@ def test_cam_secondary_captures_are_listed_and_displayed(viewer: Viewer, artifac
     with browser_page(viewer.url) as (page, log):
         ohif = Ohif(page, log, viewer.url)
         try:
-            ohif.open_study(STUDY_UID)
-            _wait(
-                lambda: sum(d["images"] for d in ohif.display_sets() if d["series"] == series) == len(sops),
-                f"the {len(sops)} captures of the CAM series {capture.SeriesDescription!r} are not all "
-                "in OHIF's study browser",
-                log,
-                page_png,
-            )
-            display_set = ohif.open_series(series)
-            shown = _wait(
-                lambda: (
-                    (vp := ohif.viewport())
-                    and display_set["uid"] in vp.get("displaySets", [])
-                    and any(uid in vp.get("imageId", "") for uid in sops)
-                    and vp
-                ),
-                "the viewport does not show a CAM secondary capture",
-                log,
-                page_png,
-            )
-
-            def rendered() -> dict[str, float] | None:
-                ohif.viewport_canvas().screenshot(path=str(canvas_png))
-                stats = image_stats(canvas_png.read_bytes())
-                return stats if stats["std"] > 10 and stats["nonblack"] > 0.05 else None
-
-            stats = _wait(rendered, "the CAM secondary capture stays black in the viewport", log, canvas_png)
+            for attempt in range(1, RENDER_ATTEMPTS + 1):
+                shown, stats = _show_cam_series(ohif, log, series, sops, capture, page_png, canvas_png)
+                if stats is not None:
+                    break
+                message = f"the CAM secondary capture stays black in the viewport (attempt {attempt})"
+                if attempt == RENDER_ATTEMPTS:
+                    pytest.fail(_why(log, message, canvas_png))
+                print(f"{message}: reopening the study")
         finally:
             page.screenshot(path=str(page_png))
             _save_log(artifacts, "cam-sc", log, viewer.server)
