@@ -23,21 +23,13 @@ from sqlalchemy.orm import Session
 
 from inference import MammoNodeError
 from node.audit import ASSOCIATION_ACCEPTED, ASSOCIATION_REJECTED, EVENTS
-from node.audit.chain import canonical_time
+from node.audit.chain import CHAINED_COLUMNS, canonical_time
 from node.db.models import Association, AuditEvent, Instance, Study, as_utc
 
 EXPORT_FORMATS = ("csv", "jsonl")
 EXPORT_COLUMNS: tuple[str, ...] = (
     "id",
-    "at",
-    "event",
-    "actor",
-    "patient_id",
-    "study_uid",
-    "sop_instance_uid",
-    "calling_ae",
-    "peer",
-    "details",
+    *(name for name in CHAINED_COLUMNS if name != "seq"),
     "seq",
     "prev_hash",
     "row_hash",
