@@ -33,11 +33,13 @@ from inference.rendering import display_factor, display_image, exact_display_fac
 from inference.types import RESEARCH_NOTICE, AlgorithmInfo
 from inference.writers.sc import build_cam_sc, cam_sc_uids
 from training.synth import TRANSFER_SYNTAXES, make_dicom, write_dicom
-from training.synth.encoding import MIN_FRAME_SIDE
+from training.synth.encoding import LOSSY_SYNTAXES, MIN_FRAME_SIDE
 
 SMALL_SIZES = [(1, 1), (5, 7)]
 BIG_SIZES = [(2013, 1169), (4463, 2847)]
 SYNTH_BITS = (12, 14, 16)
+LOSSLESS_SYNTAXES = sorted(set(TRANSFER_SYNTAXES) - LOSSY_SYNTAXES)
+"""Those checked bit for bit here; HTJ2K lossy at odd sizes: tests/inference/test_htj2k.py."""
 CHILD_TIMEOUT_S = 300
 ALGORITHM = AlgorithmInfo(
     name="efficientnet_b0", version="0.1.0", weights_sha256="ab" * 32, threshold=0.5, notice=RESEARCH_NOTICE
@@ -235,7 +237,7 @@ def test_rendered_cam_capture_encodes_odd_sizes(size: tuple[int, int], tmp_path:
     check_rendered_cam_sc(path, *size)
 
 
-@pytest.mark.parametrize("syntax", sorted(TRANSFER_SYNTAXES))
+@pytest.mark.parametrize("syntax", LOSSLESS_SYNTAXES)
 @pytest.mark.parametrize("size", SMALL_SIZES, ids=_id)
 def test_synth_syntax_encodes_odd_sizes(syntax: str, size: tuple[int, int], tmp_path: Path) -> None:
     run_in_child(encode_synth_in_child, tmp_path, syntax, *size)
@@ -259,7 +261,7 @@ def test_rendered_cam_capture_encodes_real_sizes(size: tuple[int, int], tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("syntax", sorted(TRANSFER_SYNTAXES))
+@pytest.mark.parametrize("syntax", LOSSLESS_SYNTAXES)
 def test_synth_syntax_encodes_a_mid_size(syntax: str, tmp_path: Path) -> None:
     size = BIG_SIZES[0]
     run_in_child(encode_synth_in_child, tmp_path, syntax, *size)

@@ -115,8 +115,9 @@ def no_notice_model(test_model: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three synthetic 4-view(ish) screening exams in the RSNA layout, every transfer syntax the
-    generator offers mixed across the images (``train.csv`` + ``train_images/<patient>/*.dcm``)."""
+    """Three synthetic 4-view(ish) screening exams in the RSNA layout, every transfer syntax
+    ``mixed`` chooses (all but HTJ2K) across the images (``train.csv`` +
+    ``train_images/<patient>/*.dcm``)."""
     from training.synth import MIXED, generate_dataset
 
     root = tmp_path_factory.mktemp("synth") / "rsna"

@@ -1,9 +1,10 @@
 """Transfer syntaxes of the phantoms and the encoders behind them.
 
 Real archives send mammograms in all of these, and the RSNA set itself mixes JPEG 2000 and JPEG
-Lossless; the node and the preprocessing must decode every one bit-exactly. pydicom encodes JPEG
-2000 (pylibjpeg/openjpeg), JPEG-LS (pyjpegls) and RLE; it has no JPEG Lossless encoder, so that
-one is made with GDCM's codec, in memory, from the raw frame.
+Lossless; the node and the preprocessing must decode every one bit-exactly (HTJ2K lossy, the one
+lossy syntax, closely). pydicom encodes JPEG 2000 (pylibjpeg/openjpeg), JPEG-LS (pyjpegls) and
+RLE; it has no JPEG Lossless encoder, so that one is made with GDCM's codec, in memory, from the
+raw frame, and no HTJ2K encoder, which OpenJPH provides (:mod:`training.synth.htj2k`).
 
 Every encoder is named explicitly (design invariant 8), never "the first plugin pydicom finds":
 with python-gdcm installed that would be GDCM's RLE encoder, which aborts the process on any odd
@@ -18,12 +19,17 @@ from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    HTJ2K,
     UID,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     JPEG2000Lossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
 )
+
+from training.synth.htj2k import htj2k_frame, set_lossy_compression
 
 EXPLICIT_VR_LITTLE_ENDIAN = uid.ExplicitVRLittleEndian
 
@@ -33,10 +39,23 @@ TRANSFER_SYNTAXES: dict[str, str] = {
     "jpegls": str(JPEGLSLossless),
     "jpeg-lossless": str(JPEGLosslessSV1),
     "rle": str(RLELossless),
+    "htj2k": str(HTJ2KLossless),
+    "htj2k-rpcl": str(HTJ2KLosslessRPCL),
+    "htj2k-lossy": str(HTJ2K),
 }
-"""Name -> Transfer Syntax UID. ``mixed`` (not a key) picks one of these per image."""
+"""Name -> Transfer Syntax UID. ``mixed`` (not a key) picks one of :data:`MIXED_SYNTAXES` per image."""
 
 MIXED = "mixed"
+
+MIXED_SYNTAXES: tuple[str, ...] = ("explicit", "jpeg-lossless", "jpeg2000", "jpegls", "rle")
+"""What ``mixed`` cycles through in the ``digital`` style, in this order: the syntaxes it chose
+before HTJ2K was added, and it must keep choosing exactly these so that existing datasets and the
+model card's training data regenerate identically from their seeds. Never add to it."""
+
+LOSSY_SYNTAXES: frozenset[str] = frozenset({"htj2k-lossy"})
+"""The names whose pixels do not decode back bit for bit (LossyImageCompression "01" is set)."""
+
+_HTJ2K_NAMES = ("htj2k", "htj2k-rpcl", "htj2k-lossy")
 
 FILM_MIXED_SYNTAXES: tuple[str, ...] = ("jpeg2000", "rle")
 """What ``mixed`` alternates between in the ``film`` style: RLE, as CBIS-DDSM is stored, and JPEG
@@ -81,12 +100,23 @@ def encode_pixels(ds: Dataset, pixels: np.ndarray, name: str) -> None:
         ds.file_meta.TransferSyntaxUID = uid
     elif name == "jpeg-lossless":
         frame = jpeg_lossless_sv1(pixels, int(ds.BitsStored), str(ds.PhotometricInterpretation))
-        ds.PixelData = encapsulate([frame])
-        ds["PixelData"].VR = "OB"
-        ds["PixelData"].is_undefined_length = True
-        ds.file_meta.TransferSyntaxUID = uid
+        _set_encapsulated(ds, frame, uid)
+    elif name in _HTJ2K_NAMES:
+        lossy = name in LOSSY_SYNTAXES
+        frame = htj2k_frame(pixels, int(ds.BitsStored), lossy=lossy, rpcl=name == "htj2k-rpcl")
+        _set_encapsulated(ds, frame, uid)
+        if lossy:
+            set_lossy_compression(ds, frame)
     else:
         ds.compress(uid, pixels, encoding_plugin=_PYDICOM_PLUGINS[name], generate_instance_uid=False)
+
+
+def _set_encapsulated(ds: Dataset, frame: bytes, uid: UID) -> None:
+    """One frame as encapsulated Pixel Data (one fragment) in transfer syntax ``uid``."""
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = uid
 
 
 def jpeg_lossless_sv1(pixels: np.ndarray, bits_stored: int, photometric: str = "MONOCHROME2") -> bytes:

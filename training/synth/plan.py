@@ -20,7 +20,7 @@ import numpy as np
 from inference.types import SCREENING_SIDE_VIEWS
 from inference.uids import derive_uid
 from training.synth.anatomy import DENSITIES, BreastAnatomy
-from training.synth.encoding import FILM_MIXED_SYNTAXES, MIXED, TRANSFER_SYNTAXES
+from training.synth.encoding import FILM_MIXED_SYNTAXES, MIXED, MIXED_SYNTAXES
 from training.synth.film import view_text
 from training.synth.lesions import Lesion, random_lesion
 from training.synth.machines import FILM_MACHINES, MACHINES, VOI_CYCLE, Machine
@@ -164,8 +164,9 @@ def _plan_breasts(
     )
 
 
-_TS_NAMES = sorted(TRANSFER_SYNTAXES)
-"""The transfer syntaxes ``mixed`` cycles through in a digital dataset."""
+_TS_NAMES = sorted(MIXED_SYNTAXES)
+"""The transfer syntaxes ``mixed`` cycles through in a digital dataset (not every syntax: see
+MIXED_SYNTAXES, which keeps old seeds' datasets identical)."""
 
 
 @dataclass(frozen=True)
