@@ -48,9 +48,10 @@ if TYPE_CHECKING:
         shared_pool,
         usable_cpus,
     )
-    from inference.preprocessing import preprocess_array
+    from inference.preprocessing import preprocess_array, preprocess_levels
     from inference.preprocessing_dali import DaliPreprocessor
-    from inference.rendering import EncodedObject, display_image
+    from inference.reduced_decode import SourceLevels
+    from inference.rendering import EncodedObject, display_image, display_level, shrink
     from inference.rsna_layout import CSV_NAME, IMAGES_DIR, RSNA_COLUMNS
     from inference.types import (
         SCREENING_SIDE_VIEWS,
@@ -121,6 +122,10 @@ _EXPORTS: dict[str, str] = {
     "precision_of": "inference.backends.tensorrt_build",
     "prepare_image": "inference.pipeline",
     "preprocess_array": "inference.preprocessing",
+    "preprocess_levels": "inference.preprocessing",
+    "SourceLevels": "inference.reduced_decode",
+    "display_level": "inference.rendering",
+    "shrink": "inference.rendering",
     "quiet_value_checks": "inference.phi",
     "read_dataset": "inference.dicom_header",
     "read_meta": "inference.dicom_header",
@@ -164,6 +169,7 @@ __all__ = [
     "PoolKind",
     "PreparedImage",
     "PreprocessConfig",
+    "SourceLevels",
     "StudyOutputs",
     "StudyScore",
     "aggregate_studies",
@@ -177,6 +183,7 @@ __all__ = [
     "derive_uid",
     "describe",
     "display_image",
+    "display_level",
     "dumps",
     "gpu_info",
     "gpu_unavailable_reason",
@@ -190,6 +197,7 @@ __all__ = [
     "precision_of",
     "prepare_image",
     "preprocess_array",
+    "preprocess_levels",
     "quiet_value_checks",
     "read_dataset",
     "read_meta",
@@ -200,6 +208,7 @@ __all__ = [
     "scrub",
     "scrub_library_logs",
     "shared_pool",
+    "shrink",
     "usable_cpus",
     "verify_weights",
     "view_key",

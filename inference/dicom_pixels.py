@@ -34,12 +34,19 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
     """Decode the first frame to a 2-D array of stored values with the Modality LUT applied.
 
     Every transfer syntax pydicom knows is handled (native, RLE, JPEG lossless/lossy, JPEG-LS,
-    JPEG 2000) through the pylibjpeg/pyjpegls plugins (pydicom's own RLE and Pillow as
+    JPEG 2000, HTJ2K) through the pylibjpeg/pyjpegls plugins (pydicom's own RLE and Pillow as
     fallbacks; gdcm is not used, see ``_PLUGIN_ORDER``). The result is
     the decoder's integer dtype, or float32 when a rescale or Modality LUT applies. Colour
     images (Secondary Captures) are converted to grey. Size limits are checked before decoding,
     so a hostile header cannot make the node allocate gigabytes.
     """
+    arr = decode_stored(ds)
+    return modality_values(arr, ds)
+
+
+def check_pixel_module(ds: Dataset) -> UID:
+    """Check what can be checked before decoding (pixel data present, size limits, layout) and
+    return the transfer syntax; InputError with a one-line reason otherwise."""
     parse_elements(ds)
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
@@ -60,9 +67,17 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
     frames = optional_int(ds, "NumberOfFrames") or 1
     if frames > 1:
         logger.warning("multi-frame image (%d frames): using the first frame only", frames)
-
     ts = _transfer_syntax(ds)
     _check_native_length(ds, ts, rows * cols * samples * bits // 8)
+    return ts
+
+
+def decode_stored(ds: Dataset) -> np.ndarray:
+    """The first frame's stored values as a 2-D array (colour converted to grey), no Modality LUT:
+    :func:`decode_pixels` without its last step, for the resolution pyramid
+    (:mod:`inference.reduced_decode`), which is built on stored values."""
+    ts = check_pixel_module(ds)
+    rows, cols = optional_int(ds, "Rows"), optional_int(ds, "Columns")
     arr = _decode_first_frame(ds, ts)
     if arr.shape[:2] != (rows, cols):
         raise InputError(f"decoded frame is {arr.shape[:2]}, header says {rows}x{cols}")
@@ -70,6 +85,13 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
         arr = _to_grey(arr)
     elif arr.ndim != 2:
         raise InputError(f"unexpected decoded shape {arr.shape}")
+    return arr
+
+
+def modality_values(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored values (of any pyramid level) to modality values: the Modality LUT or rescale of a
+    grey image; a colour source (already converted to grey) has none."""
+    samples = optional_int(ds, "SamplesPerPixel") or 1
     return _modality_lut(arr, ds) if samples == 1 else arr
 
 

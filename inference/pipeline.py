@@ -25,21 +25,23 @@ from pydicom.dataset import Dataset
 
 from inference.aggregation import AGGREGATIONS, aggregate_studies
 from inference.backends.base import Backend
-from inference.dicom_pixels import decode_pixels
 from inference.manifest import algorithm_info
 from inference.marks import CamMark, cam_marks
 from inference.phi import describe, scrub
 from inference.pixel_pool import PixelPool
-from inference.preprocessing import preprocess_array
+from inference.preprocessing import preprocess_levels
+from inference.reduced_decode import SourceLevels
 from inference.rendering import (
     CaptureTask,
     EncodedObject,
     ReportTask,
     capture_captions,
     display_image,
+    display_level,
     exact_display_factor,
     render_capture,
     render_report,
+    shrink,
 )
 from inference.rendering_marks import (
     CadReportTask,
@@ -131,10 +133,17 @@ class PreparedAndScored:
 def prepare_image(dataset: Dataset, meta: ImageMeta, config: PreprocessConfig) -> PreparedImage:
     """Decode, window and preprocess one image (:meth:`Pipeline.prepare`). A plain function of
     picklable arguments, so the decode workers of :mod:`inference.batching` can run it in other
-    processes; raises InputError when the image cannot be scored."""
-    windowed = apply_voi(decode_pixels(dataset), dataset, fallback=config.fallback_window)
-    model_input = preprocess_array(windowed, meta, config)
-    return _prepared(dataset, windowed if windowed.ndim == 2 else model_input.pixels, model_input)
+    processes; raises InputError when the image cannot be scored.
+
+    Only the resolutions needed are decoded (:mod:`inference.reduced_decode`): the finer of the
+    capture's display level and what the model input needs, usually half the source's.
+    """
+    source = SourceLevels(dataset)
+    level, factor = display_level(source.rows, source.columns)
+    source.finest = level
+    model_input = preprocess_levels(source, dataset, meta, config)
+    windowed = apply_voi(source.modality(level), dataset, fallback=config.fallback_window)
+    return _prepared(dataset, shrink(windowed, factor), model_input)
 
 
 def _prepared(dataset: Dataset, display: np.ndarray, model_input: PreprocessedImage) -> PreparedImage:

@@ -29,8 +29,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from inference.dicom_header import read_meta
-from inference.dicom_pixels import decode_pixels
 from inference.geometry import original_to_grid
+from inference.pyramid import MAX_LEVEL
+from inference.reduced_decode import SourceLevels
 from inference.segmentation import noise_floor, remove_edge_bands
 from inference.types import GeometricTransform, ImageMeta, InputError, PreprocessConfig, PreprocessedImage
 from inference.voi import apply_voi
@@ -68,9 +69,115 @@ def preprocess(ds: Dataset, config: PreprocessConfig, *, meta: ImageMeta | None 
     """
     if meta is None:
         meta = read_meta(ds)
-    pixels = decode_pixels(ds)
-    windowed = apply_voi(pixels, ds, fallback=config.fallback_window)
-    return preprocess_array(windowed, meta, config)
+    return preprocess_levels(SourceLevels(ds), ds, meta, config)
+
+
+def find_level(rows: int, columns: int) -> int:
+    """The pyramid level the breast is looked for at: the coarsest whose long side is still at
+    least :data:`WORK_SIZE` (the finder works on a copy of about that size anyway)."""
+    r = 0
+    while r < MAX_LEVEL and max(rows, columns) >> (r + 1) >= WORK_SIZE:
+        r += 1
+    return r
+
+
+def model_level(crop_rows: int, crop_columns: int, config: PreprocessConfig) -> int:
+    """The coarsest pyramid level that still has at least the model grid's resolution after the
+    crop (``crop_rows`` x ``crop_columns`` source pixels): the model input is then only ever shrunk
+    from it, never enlarged."""
+    shrink = max(crop_rows / config.input_height, crop_columns / config.input_width)
+    r = 0
+    while r < MAX_LEVEL and shrink >= 1 << (r + 1):
+        r += 1
+    return r
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    """Where and how a source's model input is made (:func:`plan_levels`)."""
+
+    level: int  # pyramid level the model input is resampled from
+    image: np.ndarray  # that level, windowed and min-max normalised (:func:`normalised_grey`)
+    level_transform: GeometricTransform  # the geometry on ``image``
+    transform: GeometricTransform  # the same geometry in source pixels
+
+
+def preprocess_levels(
+    source: SourceLevels, ds: Dataset, meta: ImageMeta, config: PreprocessConfig
+) -> PreprocessedImage:
+    """:func:`preprocess` on a source's resolution pyramid (:mod:`inference.pyramid`): the grid
+    is resampled from the level :func:`plan_levels` chooses; the transform returned is in source
+    pixels, as if the source had been cropped and scaled directly, so CAMs map back onto it."""
+    plan = plan_levels(source, ds, meta, config)
+    t = plan.level_transform
+    interpolation = cv2.INTER_AREA if t.scale < 1.0 else cv2.INTER_LINEAR
+    grid = original_to_grid(plan.image, t, interpolation=interpolation)
+    np.clip(grid, 0.0, 1.0, out=grid)
+    logger.debug(
+        "preprocessed %s at level %d: crop=%s flipped=%s scale=%.4f",
+        meta.sop_instance_uid,
+        plan.level,
+        plan.transform.crop_box,
+        plan.transform.flipped,
+        plan.transform.scale,
+    )
+    return PreprocessedImage(pixels=grid, transform=plan.transform, meta=meta)
+
+
+def plan_levels(source: SourceLevels, ds: Dataset, meta: ImageMeta, config: PreprocessConfig) -> LevelPlan:
+    """Find the breast on level :func:`find_level` and choose the level the model input is made
+    from, :func:`model_level` of that crop (the coarsest that is only shrunk onto the grid),
+    windowed and normalised at that level. Shared with the DALI path, which resamples the grid on
+    the device from the same plan."""
+    k = find_level(source.rows, source.columns)
+    found = normalised_grey(apply_voi(source.modality(k), ds, fallback=config.fallback_window))
+    region = find_breast(found, config)
+    y0, y1, x0, x1 = region.crop_box
+    r = model_level((y1 - y0) << k, (x1 - x0) << k, config)
+    image = found
+    if r != k:
+        image = normalised_grey(apply_voi(source.modality(r), ds, fallback=config.fallback_window))
+        region = replace(region, crop_box=_rescale_box(region.crop_box, k, r, image.shape))
+    level_transform = plan_transform(image, meta, config, region=region)
+    return LevelPlan(
+        level=r,
+        image=image,
+        level_transform=level_transform,
+        transform=_in_source_pixels(level_transform, r, source.rows, source.columns),
+    )
+
+
+def _rescale_box(
+    box: tuple[int, int, int, int], src: int, dst: int, shape: tuple[int, ...]
+) -> tuple[int, int, int, int]:
+    """A crop box found at level ``src`` on the level-``dst`` image of ``shape`` (outward rounding)."""
+    y0, y1, x0, x1 = box
+    if dst <= src:
+        f = 1 << (src - dst)
+        y0, y1, x0, x1 = y0 * f, y1 * f, x0 * f, x1 * f
+    else:
+        f = 1 << (dst - src)
+        y0, y1, x0, x1 = y0 // f, -(-y1 // f), x0 // f, -(-x1 // f)
+    return (y0, max(y0 + 1, min(y1, shape[0])), x0, max(x0 + 1, min(x1, shape[1])))
+
+
+def _in_source_pixels(level: GeometricTransform, r: int, rows: int, columns: int) -> GeometricTransform:
+    """A level-``r`` transform expressed in source pixels: the crop box times ``2^r`` and the scale
+    divided by it, so the grid content (``resized_shape``) and every mapping stay the same."""
+    if r == 0:
+        return level
+    f = 1 << r
+    y0, y1, x0, x1 = level.crop_box
+    source = replace(
+        level,
+        original_shape=(rows, columns),
+        crop_box=(y0 * f, y1 * f, x0 * f, x1 * f),
+        scale=level.scale / f,
+    )
+    if source.resized_shape != level.resized_shape:  # rounding of (size * f) * (scale / f)
+        h = (y1 - y0) * f
+        source = replace(source, scale=level.resized_shape[0] / h if h else source.scale)
+    return source
 
 
 def preprocess_array(pixels01: np.ndarray, meta: ImageMeta, config: PreprocessConfig) -> PreprocessedImage:
@@ -102,15 +209,19 @@ def normalised_grey(pixels01: np.ndarray) -> np.ndarray:
     return _normalise(_as_grey(pixels01))
 
 
-def plan_transform(image: np.ndarray, meta: ImageMeta, config: PreprocessConfig) -> GeometricTransform:
+def plan_transform(
+    image: np.ndarray, meta: ImageMeta, config: PreprocessConfig, *, region: BreastRegion | None = None
+) -> GeometricTransform:
     """Decide the geometry for a :func:`normalised_grey` image: breast crop, orientation flip,
     aspect-preserving scale onto the model grid, and the padding that keeps the chest wall on
     the grid edge. Shared by this module and the DALI path (:mod:`inference.preprocessing_dali`),
-    which applies the same transform on the GPU.
+    which applies the same transform on the GPU. ``region`` is the breast when it was already
+    found (on another level of the same image); else it is looked for on ``image``.
     """
     if config.input_height < 1 or config.input_width < 1:
         raise ValueError(f"invalid model grid {config.input_height}x{config.input_width}")
-    region = find_breast(image, config)
+    if region is None:
+        region = find_breast(image, config)
     y0, y1, x0, x1 = region.crop_box
     grid_h, grid_w = config.input_height, config.input_width
     transform = GeometricTransform(

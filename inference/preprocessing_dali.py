@@ -1,40 +1,39 @@
-"""GPU preprocessing with NVIDIA DALI: the CPU preprocessing, step for step, on the device.
+"""GPU preprocessing with NVIDIA DALI: the JPEG 2000 decode on the device, the CPU path's plan.
 
-The CPU path (:mod:`inference.dicom_pixels`, :mod:`inference.voi`, :mod:`inference.preprocessing`)
-decodes, windows, inverts MONOCHROME1, min-max normalises, crops the breast, flips it so the
-chest wall is on ``config.chest_wall_side``, resizes keeping the aspect ratio and pads to the
-model grid. Here the same steps run as two DALI graphs, with one decision made on the host:
+The CPU path (:mod:`inference.reduced_decode`, :mod:`inference.voi`, :mod:`inference.preprocessing`)
+decodes only the resolution-pyramid levels it needs, windows, inverts MONOCHROME1, min-max
+normalises, crops the breast, flips it so the chest wall is on ``config.chest_wall_side``, resizes
+keeping the aspect ratio and pads to the model grid. On a GPU the expensive step is the decode of
+the full code stream, which nvJPEG2000 does fast and without a reduced-resolution mode; so:
 
-1. **Device** (``_window_graph``): decode the JPEG 2000 / JPEG Lossless code stream sliced out of
-   PixelData with ``fn.decoders.image(output_type=ANY_DATA, dtype=UINT16)``, apply the Modality
-   LUT (rescale slope/intercept) and the file's window with the very PS3.3 C.11.2.1.2 formulas of
-   :func:`inference.voi.apply_window` (LINEAR, LINEAR_EXACT, SIGMOID; read by the same
-   :func:`inference.voi.read_window`), and invert MONOCHROME1.
-2. **Host**: the windowed image is copied to the host once. The node needs it there anyway (the
-   CAM secondary capture is drawn on it), and on it the crop box, flip and scale are decided by
-   the CPU path's own code (:func:`inference.preprocessing.plan_transform`), so both paths give
-   the same :class:`~inference.types.GeometricTransform` and CAMs map back identically. That is
-   a ~512-pixel analysis, milliseconds next to the decode.
-3. **Device** (``_geometry_graph``): crop, min-max normalise (with the image's min/max as found on
-   the host), flip, resize (area resampling as OpenCV's INTER_AREA when shrinking: bilinear,
-   not antialiased, onto a grid k times finer, then the mean of each k x k block; plain bilinear
-   when growing), pad onto the model grid, clip to [0, 1], and lay out as (B, 1, H, W). On a
-   GPU the batch stays in device memory and is handed to the backend as a
-   :class:`~inference.backends.cuda_runtime.CudaArray` (TensorRT binds its pointer; torch wraps
-   it), never through the host.
+1. **Device** (``_decode_graph``): decode the JPEG 2000 / JPEG Lossless code stream sliced out of
+   PixelData with ``fn.decoders.image(output_type=ANY_DATA, dtype=UINT16)``: the stored values.
+2. **Host**: they are copied to the host once (16 bits a pixel), and there the CPU path's own code
+   computes the pyramid levels it would read (:meth:`inference.reduced_decode.SourceLevels.from_stored`),
+   windows them, finds the breast, chooses the level and the geometry
+   (:func:`inference.preprocessing.plan_levels`) and makes the CAM capture's display copy
+   (:func:`inference.rendering.display_level`): the same arrays, transform and display as the CPU
+   path, so CAMs map back identically. Lifting and windowing a level is tens of milliseconds.
+3. **Device** (``_geometry_graph``): the chosen level (already windowed and normalised, a quarter
+   or a sixteenth of the source's pixels) is cropped, flipped, resized (area resampling as
+   OpenCV's INTER_AREA when shrinking: nearest-neighbour samples on a grid k times finer, then
+   the mean of each k x k block, k at least :data:`AREA_SUPERSAMPLING` / scale; plain bilinear when growing), padded onto the model grid, clipped
+   to [0, 1] and laid out as (B, 1, H, W). On a GPU the batch stays in device memory and is
+   handed to the backend as a :class:`~inference.backends.cuda_runtime.CudaArray` (TensorRT binds
+   its pointer; torch wraps it), never through the host.
 
-Differences from the CPU path, all bounded by the parity test: window arithmetic in float32
-instead of float64 (about 1e-6), and, when shrinking, the box mean of a bilinear resample onto a
-grid k = ceil(1 / scale) times finer instead of OpenCV's exact INTER_AREA (the same box filter,
-sampled bilinearly rather than integrated: small differences at sharp edges).
+The one difference from the CPU path, bounded by the parity test: when shrinking, the box mean of
+nearest-neighbour samples on a grid k times finer instead of OpenCV's exact
+INTER_AREA (the same box filter, sampled bilinearly rather than integrated: small differences at
+sharp edges).
 
 What DALI is not given, the CPU path takes (``fallbacks``, with the reason): transfer syntaxes
 other than JPEG 2000 (and JPEG Lossless, which DALI decodes on the GPU only); 8-bit code streams
 (DALI rescales them to 16 bits, and an 8-bit baseline JPEG decoded as ANY_DATA crashes the
 process, so no baseline JPEG is ever sent); anything but unsigned single-sample 16-bit
-MONOCHROME1/2; a code stream whose header disagrees with the DICOM tags; files whose VOI is a VOI
-LUT Sequence or no VOI at all (the percentile fallback window needs whole-image statistics);
-a Modality LUT Sequence; and a whole batch whose DALI run failed (the pipeline is rebuilt).
+MONOCHROME1/2; a code stream whose header disagrees with the DICOM tags; and a whole batch whose
+DALI run failed (the pipeline is rebuilt). Any VOI (window, VOI LUT, the fallback) and Modality LUT
+is fine: the host applies them with the CPU path's code.
 
 DALI is imported inside the functions (``nvidia-dali-cuda120``, in the ``gpu`` and ``dev``
 extras); DALI also runs without a GPU (``device_id=None``), which is how CI tests this module.
@@ -56,10 +55,12 @@ from pydicom.encaps import get_frame
 
 from inference.backends.cuda_runtime import CudaArray
 from inference.dicom_header import read_meta
-from inference.dicom_pixels import MAX_PIXELS, rescale_parameters
-from inference.preprocessing import normalised_grey, plan_transform
+from inference.dicom_pixels import MAX_PIXELS
+from inference.preprocessing import LevelPlan, plan_levels
+from inference.reduced_decode import SourceLevels
+from inference.rendering import display_level, shrink
 from inference.types import GeometricTransform, ImageMeta, InputError, PreprocessConfig
-from inference.voi import Window, read_window
+from inference.voi import apply_voi
 
 if TYPE_CHECKING:
     from nvidia.dali.pipeline import Pipeline as DaliPipeline
@@ -73,6 +74,9 @@ JPEG_LOSSLESS_SV1 = uid.JPEGLosslessSV1
 _J2K_SYNTAXES = frozenset({JPEG2000_LOSSLESS, JPEG2000})
 _LOSSLESS_SYNTAXES = frozenset({JPEG_LOSSLESS_P14, JPEG_LOSSLESS_SV1})
 MIN_PRECISION = 9
+AREA_SUPERSAMPLING = 8
+"""Samples per output pixel and axis, at least, of the box mean that stands in for INTER_AREA: the
+pyramid level is only 1-2x larger than the grid, where a 2x2 mean is a coarse area integral."""
 """Code streams of 8 bits or fewer are rescaled to the full 16-bit range by DALI: CPU path."""
 
 
@@ -85,41 +89,6 @@ class CodeStream:
     precision: int  # bits per sample in the code stream
 
 
-@dataclass(frozen=True)
-class DeviceWindow:
-    """The window as the device applies it: ``z = (slope * x + intercept - offset) * gain + bias``,
-    then ``clip(z, 0, 1)`` or ``1 / (1 + exp(-z))``, then ``1 - y`` for MONOCHROME1.
-
-    The same functions as :func:`inference.voi.apply_window`, rewritten so each is one
-    multiply-add on the device: LINEAR and LINEAR_EXACT are continuous at their breakpoints, so
-    their three-piece definitions equal a clipped line.
-    """
-
-    slope: float
-    intercept: float
-    offset: float
-    gain: float
-    bias: float
-    sigmoid: bool
-    invert: bool
-
-    @classmethod
-    def from_window(cls, window: Window, slope: float, intercept: float, *, invert: bool) -> DeviceWindow:
-        c, w = window.center, window.width
-        if window.function == "SIGMOID":
-            return cls(slope, intercept, c, 4.0 / w, 0.0, True, invert)
-        if window.function == "LINEAR_EXACT":
-            return cls(slope, intercept, c, 1.0 / w, 0.5, False, invert)
-        return cls(slope, intercept, c - 0.5, 1.0 / max(w - 1.0, 1e-12), 0.5, False, invert)
-
-    def apply(self, stored: np.ndarray) -> np.ndarray:
-        """The same arithmetic on the host, in float32 (tests and documentation)."""
-        v = stored.astype(np.float32) * np.float32(self.slope) + np.float32(self.intercept)
-        z = (v - np.float32(self.offset)) * np.float32(self.gain) + np.float32(self.bias)
-        y = 1.0 / (1.0 + np.exp(-z)) if self.sigmoid else np.clip(z, 0.0, 1.0)
-        return np.asarray(1.0 - y if self.invert else y, dtype=np.float32)
-
-
 class NotForDali(Exception):
     """This file goes to the CPU path; ``reason`` says why (logged at debug level)."""
 
@@ -128,8 +97,8 @@ class NotForDali(Exception):
         self.reason = reason
 
 
-def route(ds: Dataset, *, gpu: bool) -> tuple[CodeStream, DeviceWindow]:
-    """The code stream and window DALI needs for ``ds``, or :class:`NotForDali` with the reason.
+def route(ds: Dataset, *, gpu: bool) -> CodeStream:
+    """The code stream DALI decodes for ``ds``, or :class:`NotForDali` with the reason.
 
     Checks everything DALI would get wrong or crash on before anything is sent to it; the CPU
     path handles (or reports) all the rest.
@@ -151,20 +120,12 @@ def route(ds: Dataset, *, gpu: bool) -> tuple[CodeStream, DeviceWindow]:
         raise NotForDali(f"pixel layout {photometric} samples/bits/signed/frames={layout} is not for DALI")
     if rows < 2 or cols < 2 or rows * cols > MAX_PIXELS:
         raise NotForDali(f"image size {rows}x{cols}")
-    if ds.get("ModalityLUTSequence"):
-        raise NotForDali("Modality LUT Sequence")
-    window = read_window(ds)
-    if window is None:
-        raise NotForDali("no VOI window (a VOI LUT Sequence or the fallback window is applied on the CPU)")
     try:
-        slope, intercept = rescale_parameters(ds)
         frame = get_frame(ds.PixelData, 0, number_of_frames=1)
     except (InputError, ValueError, KeyError, AttributeError, TypeError, struct.error) as exc:
         raise NotForDali(f"cannot slice the code stream: {exc}") from exc
     check = _check_j2k if ts in _J2K_SYNTAXES else _check_jpeg_lossless
-    stream = check(frame, rows, cols)
-    device_window = DeviceWindow.from_window(window, slope, intercept, invert=photometric == "MONOCHROME1")
-    return stream, device_window
+    return check(frame, rows, cols)
 
 
 def _int_tag(ds: Dataset, keyword: str, default: int = 0) -> int:
@@ -244,7 +205,7 @@ class DaliRow:
     index: int  # position in the ``datasets`` given to :meth:`DaliPreprocessor.prepare`
     meta: ImageMeta
     transform: GeometricTransform
-    display: np.ndarray  # windowed original, float32 [0, 1], dense tissue bright (host)
+    display: np.ndarray  # the capture's display copy, as :func:`inference.pipeline.prepare_image` makes it
 
 
 @dataclass
@@ -272,7 +233,7 @@ class _Accepted:
     index: int
     meta: ImageMeta
     stream: CodeStream
-    window: DeviceWindow
+    dataset: Dataset
 
 
 class DaliPreprocessor:
@@ -320,13 +281,13 @@ class DaliPreprocessor:
     def _pipelines(self) -> tuple[DaliPipeline, DaliPipeline]:
         if self._pipes is None:
             common = self._pipeline_args()
-            window = _window_graph(gpu=self.gpu, **common)
+            decoder = _decode_graph(gpu=self.gpu, **common)
             geometry = _geometry_graph(
                 gpu=self.gpu, grid=(self.config.input_height, self.config.input_width), **common
             )
-            window.build()
+            decoder.build()
             geometry.build()
-            self._pipes = (window, geometry)
+            self._pipes = (decoder, geometry)
         return self._pipes
 
     def decode(self, datasets: list[Dataset]) -> list[np.ndarray]:
@@ -337,7 +298,7 @@ class DaliPreprocessor:
         """
         if len(datasets) > self.batch_size:
             raise ValueError(f"{len(datasets)} datasets exceed the DALI batch size {self.batch_size}")
-        streams = [route(ds, gpu=self.gpu)[0] for ds in datasets]
+        streams = [route(ds, gpu=self.gpu) for ds in datasets]
         with self._lock:
             if self._decoder is None:
                 self._decoder = _decode_graph(gpu=self.gpu, **self._pipeline_args())
@@ -357,13 +318,13 @@ class DaliPreprocessor:
         for index, ds in enumerate(datasets):
             try:
                 meta = metas[index] if metas is not None else read_meta(ds)
-                stream, window = route(ds, gpu=self.gpu)
+                stream = route(ds, gpu=self.gpu)
             except (NotForDali, InputError) as exc:
                 reason = exc.reason if isinstance(exc, NotForDali) else str(exc)
                 logger.debug("image %d to the CPU path: %s", index, reason)
                 result.fallbacks.append((index, reason))
                 continue
-            accepted.append(_Accepted(index, meta, stream, window))
+            accepted.append(_Accepted(index, meta, stream, ds))
         if not accepted:
             return result
         with self._lock:
@@ -387,36 +348,29 @@ class DaliPreprocessor:
         return np.zeros((0, 1, self.config.input_height, self.config.input_width), dtype=np.float32)
 
     def _run(self, accepted: list[_Accepted], result: DaliBatch) -> None:
-        window_pipe, geometry_pipe = self._pipelines()
-        windowed, peaks = window_pipe.run(
-            stream=[np.frombuffer(a.stream.data, dtype=np.uint8) for a in accepted],
-            **_window_inputs([a.window for a in accepted]),
-        )
-        host = windowed.as_cpu() if self.gpu else windowed
-        peak_values = peaks.as_cpu() if self.gpu else peaks
-        kept: list[int] = []
+        decode_pipe, geometry_pipe = self._pipelines()
+        (decoded,) = decode_pipe.run(stream=[np.frombuffer(a.stream.data, dtype=np.uint8) for a in accepted])
+        stored = decoded.as_cpu() if self.gpu else decoded
+        images: list[np.ndarray] = []
         plans: list[tuple[float, float, GeometricTransform]] = []
         for k, item in enumerate(accepted):
-            peak = int(np.asarray(peak_values[k]))
-            if peak > (1 << item.stream.precision) - 1:
-                # The decoder scaled the values to the 16-bit range; the window would be wrong.
+            pixels = np.array(stored[k])[:, :, 0]
+            if int(pixels.max()) > (1 << item.stream.precision) - 1:
+                # The decoder scaled the values to the 16-bit range; they are not the stored values.
                 result.fallbacks.append(
                     (item.index, f"DALI decoder rescaled a {item.stream.precision}-bit stream")
                 )
                 continue
-            display = np.array(host[k], dtype=np.float32)[:, :, 0]
             try:
-                image = normalised_grey(display)
-                transform = plan_transform(image, item.meta, self.config)
+                plan, display = _plan_on_host(item, pixels, self.config)
             except InputError as exc:
                 result.errors.append((item.index, exc))
                 continue
-            kept.append(k)
-            plans.append((float(display.min()), float(display.max()), transform))
-            result.rows.append(DaliRow(item.index, item.meta, transform, display))
-        if not kept:
+            images.append(np.ascontiguousarray(plan.image[:, :, None]))
+            plans.append((0.0, 1.0, plan.level_transform))
+            result.rows.append(DaliRow(item.index, item.meta, plan.transform, display))
+        if not images:
             return
-        images = [windowed[k] for k in kept]  # stays where DALI made it (device or host)
         (grid,) = geometry_pipe.run(image=images, **_geometry_inputs(plans))
         tensor = grid.as_tensor()
         if self.gpu:
@@ -433,24 +387,26 @@ class DaliPreprocessor:
             result.batch = np.array(tensor, dtype=np.float32)
 
 
+def _plan_on_host(
+    item: _Accepted, stored: np.ndarray, config: PreprocessConfig
+) -> tuple[LevelPlan, np.ndarray]:
+    """The CPU path's geometry and display copy from the stored values DALI decoded: the breast
+    is found, and the level chosen, on the same pyramid levels (:func:`plan_levels`), so both paths
+    crop, flip and scale alike; only the final resampling (from the full-resolution image, on the
+    device) differs."""
+    ds = item.dataset
+    source = SourceLevels.from_stored(ds, stored)
+    plan = plan_levels(source, ds, item.meta, config)
+    level, factor = display_level(source.rows, source.columns)
+    display = shrink(apply_voi(source.modality(level), ds, fallback=config.fallback_window), factor)
+    return plan, display
+
+
 def _brief(exc: BaseException) -> str:
     """DALI's message without its pipeline-definition traceback: what it "encountered"."""
     text = str(exc)
     _, found, after = text.partition("encountered:")
     return " ".join((after if found else text).split())[:200] or type(exc).__name__
-
-
-def _window_inputs(windows: list[DeviceWindow]) -> dict[str, list[Any]]:
-    """Per-sample window parameters as DALI inputs (scalars, one per sample)."""
-    return {
-        "slope": [np.float32(w.slope) for w in windows],
-        "intercept": [np.float32(w.intercept) for w in windows],
-        "offset": [np.float32(w.offset) for w in windows],
-        "gain": [np.float32(w.gain) for w in windows],
-        "bias": [np.float32(w.bias) for w in windows],
-        "sigmoid": [np.bool_(w.sigmoid) for w in windows],
-        "invert": [np.bool_(w.invert) for w in windows],
-    }
 
 
 def _geometry_inputs(plans: list[tuple[float, float, GeometricTransform]]) -> dict[str, list[Any]]:
@@ -460,17 +416,18 @@ def _geometry_inputs(plans: list[tuple[float, float, GeometricTransform]]) -> di
     - low))`` in float32, with low/high the windowed image's minimum and maximum.
     """
     inputs: dict[str, list[Any]] = {
-        k: [] for k in ("start", "shape", "low", "scale", "flip", "size", "blocks", "pad")
+        k: [] for k in ("start", "shape", "low", "scale", "flip", "shrinking", "size", "blocks", "pad")
     }
     for low, high, t in plans:
         y0, y1, x0, x1 = t.crop_box
         rh, rw = t.resized_shape
-        k = 1 if t.scale >= 1.0 else math.ceil(1.0 / t.scale - 1e-9)
+        k = 1 if t.scale >= 1.0 else math.ceil(AREA_SUPERSAMPLING / t.scale - 1e-9)
         inputs["start"].append(np.array([y0, x0], dtype=np.int32))
         inputs["shape"].append(np.array([y1 - y0, x1 - x0], dtype=np.int32))
         inputs["low"].append(np.float32(low))
         inputs["scale"].append(np.float32(1.0 / (high - low)))
         inputs["flip"].append(np.int32(t.flipped))
+        inputs["shrinking"].append(np.float32(t.scale < 1.0))
         inputs["size"].append(np.array([k * rh, k * rw], dtype=np.float32))
         inputs["blocks"].append(np.array([rh, k, rw, k], dtype=np.int32))
         inputs["pad"].append(np.array([-t.pad_top, -t.pad_left], dtype=np.int32))
@@ -506,34 +463,6 @@ def _decode_graph(*, gpu: bool, **pipeline_args: Any) -> DaliPipeline:
     return pipe
 
 
-def _window_graph(*, gpu: bool, **pipeline_args: Any) -> DaliPipeline:
-    """decode -> Modality LUT -> window (LINEAR / LINEAR_EXACT / SIGMOID) -> MONOCHROME1 flip."""
-    import nvidia.dali.math as dmath
-    from nvidia.dali import fn, pipeline_def, types
-
-    @pipeline_def(enable_conditionals=True)
-    def graph() -> tuple[Any, Any]:
-        decoded = _decode(fn.external_source(name="stream", dtype=types.DALIDataType.UINT8, ndim=1), gpu=gpu)
-        peak = fn.reductions.max(decoded)
-        params = [
-            _scalar(n, types.DALIDataType.FLOAT) for n in ("slope", "intercept", "offset", "gain", "bias")
-        ]
-        slope, intercept, offset, gain, bias = (p.gpu() for p in params) if gpu else params
-        sigmoid = _scalar("sigmoid", types.DALIDataType.BOOL)
-        invert = _scalar("invert", types.DALIDataType.BOOL)
-        z = (decoded * slope + intercept - offset) * gain + bias
-        if sigmoid:  # noqa: SIM108 (DALI turns if statements into per-sample branches)
-            y = 1.0 / (1.0 + dmath.exp(-z))
-        else:
-            y = dmath.clamp(z, 0.0, 1.0)
-        if invert:
-            y = 1.0 - y
-        return y, peak
-
-    pipe: DaliPipeline = graph(**pipeline_args)
-    return pipe
-
-
 def _geometry_graph(*, gpu: bool, grid: tuple[int, int], **pipeline_args: Any) -> DaliPipeline:
     """crop -> normalise -> flip -> resize -> pad onto the grid -> clip -> (1, H, W)."""
     import nvidia.dali.math as dmath
@@ -549,19 +478,25 @@ def _geometry_graph(*, gpu: bool, grid: tuple[int, int], **pipeline_args: Any) -
         params = [_scalar("low", types.DALIDataType.FLOAT), _scalar("scale", types.DALIDataType.FLOAT)]
         low, scale = (p.gpu() for p in params) if gpu else params
         flip = _scalar("flip", types.DALIDataType.INT32)
+        shrinking = _scalar("shrinking", types.DALIDataType.FLOAT)
+        shrinking = shrinking.gpu() if gpu else shrinking
         size = fn.external_source(name="size", dtype=types.DALIDataType.FLOAT, ndim=1)
         blocks = fn.external_source(name="blocks", dtype=types.DALIDataType.INT32, ndim=1)
         pad = fn.external_source(name="pad", dtype=types.DALIDataType.INT32, ndim=1)
         crop = fn.slice(image, start=start, shape=shape, axes=(0, 1))
         normalised = (crop - low) * scale
         oriented = fn.flip(normalised, horizontal=flip)
-        # Area resampling as OpenCV's INTER_AREA does it when shrinking: bilinear onto a grid k
-        # times finer than the output (k = ceil(1 / scale); k = 1, plain bilinear, when growing),
-        # then the mean of each k x k block. DALI's own antialiased filter is a triangle twice
-        # as wide as that box: it blurs visibly more than what the model was trained on.
-        fine: Any = fn.resize(
+        # Area resampling as OpenCV's INTER_AREA does it when shrinking: nearest-neighbour samples
+        # on a grid k times finer than the output, then the mean of each k x k block (the area
+        # integral of the pixels as squares; bilinear samples would add a one-pixel triangle blur,
+        # which matters at the 1-2x shrink from a pyramid level). Growing: plain bilinear, k = 1.
+        # DALI's own antialiased filter is a triangle twice as wide as the box: it blurs visibly
+        # more than what the model was trained on.
+        nearest = fn.resize(oriented, size=size, interp_type=types.DALIInterpType.INTERP_NN, antialias=False)
+        linear = fn.resize(
             oriented, size=size, interp_type=types.DALIInterpType.INTERP_LINEAR, antialias=False
         )
+        fine: Any = nearest * shrinking + linear * (1.0 - shrinking)
         pooled: Any = fn.reductions.mean(fn.reshape(fine, shape=blocks), axes=[1, 3])
         resized = fn.expand_dims(pooled, axes=[2])
         placed = fn.slice(

@@ -23,6 +23,7 @@ from inference.cam import cam_to_original
 from inference.manifest import ModelManifest
 from inference.marks import CamMark
 from inference.overlay import DEFAULT_LEGEND, ChestWall, render_cam_overlay
+from inference.pyramid import MAX_LEVEL
 from inference.types import AlgorithmInfo, ImageFailure, ImageScore, StudyScore
 from inference.writers.sc import build_cam_sc
 from inference.writers.sr import CaptureReference, build_score_sr
@@ -36,6 +37,19 @@ def display_factor(rows: int, columns: int) -> int:
     """The smallest integer factor that brings the longest side to :data:`DISPLAY_MAX` or below
     (1: the image is kept as it is)."""
     return max(1, math.ceil(max(rows, columns) / DISPLAY_MAX))
+
+
+def display_level(rows: int, columns: int) -> tuple[int, int]:
+    """Where the display copy comes from: pyramid level ``r`` (:mod:`inference.pyramid`) and the
+    factor still to :func:`shrink` it by, with ``2^r * factor`` = :func:`display_factor` (the
+    level takes the largest power of two the factor has: a 3328-row image is shown from level 1,
+    a 4500-row one, factor 3, from the source)."""
+    factor = display_factor(rows, columns)
+    r = 0
+    while factor % 2 == 0 and r < MAX_LEVEL:
+        factor //= 2
+        r += 1
+    return r, factor
 
 
 def shrink(image: np.ndarray, factor: int) -> np.ndarray:

@@ -11,14 +11,13 @@ from typing import Any
 
 import cv2
 import numpy as np
-import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from inference.dicom_header import read_dataset, read_meta
-from inference.dicom_pixels import decode_pixels
 from inference.geometry import grid_to_original, original_to_grid
+from inference.pipeline import prepare_image
 from inference.preprocessing import find_breast, preprocess, preprocess_array
 from inference.types import GeometricTransform, ImageMeta, InputError, PreprocessConfig
 from inference.voi import apply_voi
@@ -507,10 +506,12 @@ def test_full_size_mammogram_is_fast(voi: str) -> None:
     assert best < 0.5
 
 
-def test_decode_then_preprocess_matches_preprocess(tmp_path: Path) -> None:
-    image, _ = phantom()
+def test_preprocess_and_the_pipelines_prepare_give_the_same_model_input(tmp_path: Path) -> None:
+    """Training's :func:`preprocess` and serving's :func:`prepare_image` (which also decodes the
+    capture's display level) read the same levels and give the same grid."""
+    image, _ = phantom(2600, 1900)  # large enough for the breast to be found at level 2
     ds = reread(to_dicom(image), tmp_path)
     direct = preprocess(ds, CONFIG)
-    split = preprocess_array(apply_voi(decode_pixels(ds), ds), read_meta(ds), CONFIG)
-    np.testing.assert_array_equal(direct.pixels, split.pixels)
-    assert pydicom.__version__  # pydicom is the decoder under test
+    served = prepare_image(ds, read_meta(ds), CONFIG).model_input
+    np.testing.assert_array_equal(direct.pixels, served.pixels)
+    assert direct.transform == served.transform

@@ -30,23 +30,22 @@ from pydicom.uid import JPEGBaseline8Bit
 
 from inference.dicom_header import read_meta
 from inference.dicom_pixels import decode_pixels
+from inference.pipeline import prepare_image
 from inference.preprocessing import preprocess
 from inference.types import InputError, PreprocessConfig
-from inference.voi import Window, apply_voi, apply_window
 
 pytest.importorskip("nvidia.dali")  # in the dev extra: CI installs it, so this never skips there
 
 from inference import preprocessing_dali
 from inference.preprocessing_dali import (
     DaliPreprocessor,
-    DeviceWindow,
     NotForDali,
     route,
 )
 from training.synth import make_dicom, render_view
 
 WINDOW_ATOL = 1e-5
-GRID_MAX_ATOL = 0.02
+GRID_MAX_ATOL = 0.03  # the box mean of 8+ samples a side vs the exact area integral, at a 1-2x shrink
 GRID_MEAN_ATOL = 1e-3
 PROBABILITY_ATOL = 0.02
 """Demo model, DALI input vs CPU input: measured up to 0.002 (logits up to 0.06 near p = 0.97)."""
@@ -131,8 +130,8 @@ def test_dali_cpu_preprocessing_matches_the_cpu_path(
     assert [row.index for row in parity_run.rows] == [0, 1, 2]
     for k, row in enumerate(parity_run.rows):
         ds = parity_datasets[row.index]
-        windowed = apply_voi(decode_pixels(ds), ds)
-        np.testing.assert_allclose(row.display, windowed, rtol=0, atol=WINDOW_ATOL)
+        display = prepare_image(ds, read_meta(ds), CONFIG).display
+        np.testing.assert_array_equal(row.display, display)  # made on the host by the CPU path's code
         reference = preprocess(ds, CONFIG)
         assert row.transform == reference.transform
         assert row.meta == read_meta(ds)
@@ -142,18 +141,19 @@ def test_dali_cpu_preprocessing_matches_the_cpu_path(
         assert parity_run.batch[k].min() >= 0.0 and parity_run.batch[k].max() <= 1.0
 
 
-@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
-@pytest.mark.parametrize("invert", [False, True])
-def test_device_window_is_the_ps33_window(function: str, invert: bool) -> None:
-    """The device's one multiply-add per pixel equals voi.apply_window (+ rescale, + inversion)."""
-    stored = np.arange(0, 4096, dtype=np.uint16)
-    slope, intercept = 1.5, -200.0
-    window = Window(center=2500.0, width=1800.0, function=function)
-    expected = apply_window(stored.astype(np.float32) * np.float32(slope) + np.float32(intercept), window)
-    if invert:
-        expected = 1.0 - expected
-    got = DeviceWindow.from_window(window, slope, intercept, invert=invert).apply(stored)
-    np.testing.assert_allclose(got, expected, rtol=0, atol=WINDOW_ATOL)
+def test_any_voi_goes_to_dali_and_is_applied_on_the_host_as_on_the_cpu_path(
+    prep: DaliPreprocessor,
+) -> None:
+    """A VOI LUT Sequence, no VOI at all (the percentile fallback) and a sigmoid window: the host
+    windows the pyramid levels with the CPU path's code, so the displays are the same arrays."""
+    datasets = [_mammogram(17, voi="lut"), _mammogram(18, voi="none"), _mammogram(22, voi="sigmoid")]
+    result = prep.prepare(datasets)
+    assert result.fallbacks == [] and result.errors == []
+    for row in result.rows:
+        ds = datasets[row.index]
+        reference = prepare_image(ds, read_meta(ds), CONFIG)
+        np.testing.assert_array_equal(row.display, reference.display)
+        assert row.transform == reference.model_input.transform
 
 
 def _baseline_jpeg(ds: Dataset) -> bytes:
@@ -200,8 +200,6 @@ CASES: dict[str, tuple[Callable[[], Dataset], bool, str]] = {
         "SOF0 is not lossless",
     ),
     "JPEG Lossless without a GPU": (lambda: _mammogram(16, syntax="jpeg-lossless"), False, "GPU only"),
-    "VOI LUT Sequence": (lambda: _mammogram(17, voi="lut"), True, "no VOI window"),
-    "no VOI": (lambda: _mammogram(18, voi="none"), True, "no VOI window"),
     "code stream of another size": (
         lambda: _with_frame(
             _mammogram(19, size=(128, 96)), _j2k_frame(_mammogram(19)), "1.2.840.10008.1.2.4.90"
@@ -220,9 +218,9 @@ def test_route_sends_what_dali_cannot_take_to_the_cpu_path(case: str) -> None:
 
 
 def test_jpeg_lossless_goes_to_dali_on_a_gpu() -> None:
-    stream, window = route(_mammogram(20, syntax="jpeg-lossless", bits=12), gpu=True)
+    stream = route(_mammogram(20, syntax="jpeg-lossless", bits=12), gpu=True)
     assert stream.kind == "jpeg-lossless" and stream.precision == 16  # GDCM writes precision 16
-    assert stream.data.startswith(b"\xff\xd8") and not window.sigmoid
+    assert stream.data.startswith(b"\xff\xd8")
 
 
 def test_8bit_jpeg2000_goes_to_the_cpu_path() -> None:
@@ -234,10 +232,10 @@ def test_8bit_jpeg2000_goes_to_the_cpu_path() -> None:
         route(ds, gpu=True)
 
 
-def _spy_on_window_graph(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+def _spy_on_decode_graph(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """Record every code stream handed to DALI's decoder."""
     seen: list[bytes] = []
-    real = preprocessing_dali._window_graph
+    real = preprocessing_dali._decode_graph
 
     def spying(**kwargs: Any) -> Any:
         pipe = real(**kwargs)
@@ -250,19 +248,19 @@ def _spy_on_window_graph(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
         pipe.run = recording_run
         return pipe
 
-    monkeypatch.setattr(preprocessing_dali, "_window_graph", spying)
+    monkeypatch.setattr(preprocessing_dali, "_decode_graph", spying)
     return seen
 
 
 def test_prepare_never_hands_baseline_jpeg_or_other_syntaxes_to_dali(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = _spy_on_window_graph(monkeypatch)
+    seen = _spy_on_decode_graph(monkeypatch)
     prep = DaliPreprocessor(CONFIG, device_id=None, batch_size=4)
     j2k = _mammogram(30)
     datasets = [
         _baseline_dataset(_mammogram(31)),
         _mammogram(32, syntax="rle"),
         j2k,
-        _mammogram(33, voi="lut"),
+        _mammogram(33, syntax="jpegls"),
     ]
     result = prep.prepare(datasets)  # a baseline JPEG given to DALI would have killed this process
     assert [index for index, _ in result.fallbacks] == [0, 1, 3]
