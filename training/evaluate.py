@@ -71,6 +71,22 @@ def breast_table(
     return ids, labels, scores
 
 
+def content_cam(sample: MammoSample, cam: np.ndarray) -> np.ndarray:
+    """The CAM on the model grid with the padding pushed below every real value, so its argmax
+    (the CAM peak the pointing game uses) always falls on the image."""
+    grid = cam_to_grid(cam, sample.pixels.shape)
+    return np.where(content_mask(sample), grid, grid.min() - 1.0)
+
+
+def content_mask(sample: MammoSample) -> np.ndarray:
+    """The model-grid pixels that show the image (not the padding)."""
+    content = np.zeros(sample.pixels.shape, dtype=bool)
+    rh, rw = sample.transform.resized_shape
+    t = sample.transform
+    content[t.pad_top : t.pad_top + rh, t.pad_left : t.pad_left + rw] = True
+    return content
+
+
 def cam_localisation(
     samples: Sequence[MammoSample], cams: Sequence[np.ndarray], tolerance_px: int
 ) -> dict[str, Any]:
@@ -82,12 +98,7 @@ def cam_localisation(
     for sample, cam in zip(samples, cams, strict=True):
         if sample.mask is None or not sample.mask.any():
             continue
-        grid = cam_to_grid(cam, sample.pixels.shape)
-        content = np.zeros_like(sample.mask)
-        rh, rw = sample.transform.resized_shape
-        t = sample.transform
-        content[t.pad_top : t.pad_top + rh, t.pad_left : t.pad_left + rw] = True
-        maps.append(np.where(content, grid, grid.min() - 1.0))
+        maps.append(content_cam(sample, cam))
         masks.append(sample.mask)
         binaries.append(cam_to_grid(threshold_cam(cam), sample.pixels.shape) > 0)
     if not masks:

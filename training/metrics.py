@@ -247,19 +247,31 @@ def pointing_game(
     hits = 0
     counted = 0
     for cam, mask in zip(maps, mask_list, strict=True):
-        lesion = np.argwhere(mask.astype(bool))
-        if lesion.size == 0:
+        if not mask.any():
             continue
         counted += 1
-        values = np.nan_to_num(cam.astype(np.float64), nan=-np.inf)
-        y, x = np.unravel_index(int(np.argmax(values)), cam.shape)
-        # Centre of the argmax cell in mask pixel coordinates.
-        yy = (y + 0.5) * mask.shape[0] / cam.shape[0] - 0.5
-        xx = (x + 0.5) * mask.shape[1] / cam.shape[1] - 0.5
-        dist2 = (lesion[:, 0] - yy) ** 2 + (lesion[:, 1] - xx) ** 2
-        if float(dist2.min()) <= tolerance_px**2 + 1e-9:
-            hits += 1
+        hits += lands_on(mask, cam_peak(cam, mask.shape), tolerance_px)
     return hits / counted if counted else math.nan
+
+
+def cam_peak(cam: NDArray[Any], shape: tuple[int, ...]) -> tuple[float, float]:
+    """The centre of the argmax cell of ``cam`` in the pixel coordinates of an array of ``shape``
+    (a map may be coarser than the mask it is compared with). NaN never wins."""
+    values = np.nan_to_num(np.asarray(cam).astype(np.float64), nan=-np.inf)
+    y, x = np.unravel_index(int(np.argmax(values)), values.shape)
+    return (
+        (y + 0.5) * shape[0] / values.shape[0] - 0.5,
+        (x + 0.5) * shape[1] / values.shape[1] - 0.5,
+    )
+
+
+def lands_on(mask: NDArray[Any], point: tuple[float, float], tolerance_px: float) -> bool:
+    """Whether ``point`` (y, x) lies on ``mask`` or within ``tolerance_px`` (Euclidean) of it."""
+    where = np.argwhere(np.asarray(mask).astype(bool))
+    if where.size == 0:
+        return False
+    dist2 = (where[:, 0] - point[0]) ** 2 + (where[:, 1] - point[1]) ** 2
+    return bool(float(dist2.min()) <= tolerance_px**2 + 1e-9)
 
 
 def dice(binary_pred: ArrayLike, mask: ArrayLike) -> float:

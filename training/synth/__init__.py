@@ -8,6 +8,9 @@ Public API:
 - :data:`TRANSFER_SYNTAXES` names the supported transfer syntaxes (plus ``mixed``).
 - :data:`STYLES`: ``digital`` 4-view exams, or ``film`` digitised films shaped like CBIS-DDSM
   (:func:`render_film_view`).
+- ``distractor_rate``: skin markers, clips, calcified vessels, devices, lead letters, paddle edges
+  and film defects, with their masks (:mod:`training.synth.distractors`; frequencies and their
+  sources in :mod:`training.synth.distractor_plan`).
 """
 
 from training.synth.anatomy import DENSITIES, BreastAnatomy

@@ -18,8 +18,11 @@ import cv2
 import numpy as np
 
 from inference.rsna_layout import CSV_NAME, IMAGES_DIR, RSNA_COLUMNS
+from training.datasets.distractors import DISTRACTOR_COLUMNS, DISTRACTOR_MASKS_DIR, DISTRACTORS_CSV
 from training.datasets.rsna import LESION_COLUMNS, LESIONS_CSV, MASKS_DIR
 from training.synth.dicom_writer import make_dicom, write_dicom
+from training.synth.distractor_plan import plan_distractors
+from training.synth.distractors import ImageDistractors, label_boxes
 from training.synth.encoding import MIXED, check_transfer_syntax
 from training.synth.film import render_film_view
 from training.synth.phantom import MIN_SIZE, RenderedView, render_view
@@ -32,6 +35,10 @@ DEFAULT_SIZES: dict[str, tuple[int, int]] = {DIGITAL: (1024, 768), FILM: (4500, 
 """Nominal (rows, columns) of each style when no size is given."""
 DEFAULT_TRANSFER_SYNTAXES: dict[str, str] = {DIGITAL: "explicit", FILM: "rle"}
 """Transfer syntax of each style when none is given: digitised-film archives are RLE."""
+DEFAULT_DISTRACTOR_RATE = 1.0
+"""The ``mammonode synth`` default: the documented frequencies of
+:mod:`training.synth.distractor_plan`. :func:`generate_dataset` itself defaults to 0 (none), so
+callers that predate distractors get the same images."""
 
 
 @dataclass(frozen=True)
@@ -49,8 +56,19 @@ class SynthSummary:
 class _PatientOutput:
     rows: list[list[str]]
     lesion_rows: list[list[str]]
+    distractor_rows: list[list[str]]
     transfer_syntaxes: set[str]
     n_cancer_breasts: int
+
+
+@dataclass(frozen=True)
+class _RenderOptions:
+    """What every patient of a run is rendered with (picklable for the process pool)."""
+
+    seed: int
+    lesion_contrast: float
+    distractor_rate: float
+    film: bool
 
 
 def generate_dataset(
@@ -64,6 +82,7 @@ def generate_dataset(
     workers: int = 1,
     lesion_contrast: float = 1.0,
     style: str = DIGITAL,
+    distractor_rate: float = 0.0,
 ) -> SynthSummary:
     """Generate ``patients`` synthetic 4-view screening exams under ``out`` (RSNA layout).
 
@@ -81,6 +100,12 @@ def generate_dataset(
     ``LEFT_CC``), each image its own size around ``size`` with an odd width; ``mixed`` then
     alternates RLE and JPEG 2000. ``patients`` is then the number of images.
 
+    ``distractor_rate`` multiplies the documented frequencies of skin markers, clips, calcified
+    vessels, devices, lead letters, paddle edges and film defects
+    (:mod:`training.synth.distractor_plan`; 1.0 = those frequencies, 0 = none, which leaves every
+    image exactly as without them). Their boxes go to ``distractors.csv`` and their pixels to
+    ``distractor_masks/`` (written whenever the rate is above 0).
+
     ``workers`` > 1 uses a "spawn" process pool (safe next to torch and OpenCV threads), so a
     calling script needs the usual ``if __name__ == "__main__":`` guard.
     """
@@ -94,6 +119,7 @@ def generate_dataset(
         workers=workers,
         lesion_contrast=lesion_contrast,
         style=style,
+        distractor_rate=distractor_rate,
     )
     plans = plan_dataset(
         patients=patients,
@@ -105,11 +131,10 @@ def generate_dataset(
     )
     out.mkdir(parents=True, exist_ok=True)
     logger.info("generating %d synthetic %s patients into %s (%d workers)", patients, style, out, workers)
-    results = _render_patients(plans, out, lesion_contrast, workers)
+    options = _RenderOptions(seed, lesion_contrast, distractor_rate, style == FILM)
+    results = _render_patients(plans, out, options, workers)
 
-    rows = [row for r in results for row in r.rows]
-    _write_csv(out / CSV_NAME, RSNA_COLUMNS, rows)
-    _write_csv(out / LESIONS_CSV, LESION_COLUMNS, [row for r in results for row in r.lesion_rows])
+    rows = _write_tables(out, results, distractor_rate > 0)
     used = tuple(sorted(set().union(*(r.transfer_syntaxes for r in results))))
     summary = SynthSummary(
         out=out,
@@ -118,9 +143,23 @@ def generate_dataset(
         n_cancer_breasts=sum(r.n_cancer_breasts for r in results),
         transfer_syntaxes=used,
     )
-    _write_readme(out, summary, seed, cancer_rate, size, transfer_syntax, lesion_contrast, style)
+    _write_readme(
+        out, summary, seed, cancer_rate, size, transfer_syntax, lesion_contrast, style, distractor_rate
+    )
     logger.info("wrote %d images, %d cancer breasts", summary.n_images, summary.n_cancer_breasts)
     return summary
+
+
+def _write_tables(out: Path, results: list[_PatientOutput], distractors: bool) -> list[list[str]]:
+    """Write train.csv, lesions.csv and (``distractors``) distractors.csv; returns train.csv's rows."""
+    rows = [row for r in results for row in r.rows]
+    _write_csv(out / CSV_NAME, RSNA_COLUMNS, rows)
+    _write_csv(out / LESIONS_CSV, LESION_COLUMNS, [row for r in results for row in r.lesion_rows])
+    if distractors:
+        _write_csv(
+            out / DISTRACTORS_CSV, DISTRACTOR_COLUMNS, [row for r in results for row in r.distractor_rows]
+        )
+    return rows
 
 
 def _checked_arguments(
@@ -133,6 +172,7 @@ def _checked_arguments(
     workers: int,
     lesion_contrast: float,
     style: str,
+    distractor_rate: float = 0.0,
 ) -> tuple[tuple[int, int], str]:
     """Refuse bad arguments (ValueError) before anything is written; returns the size and
     transfer syntax, the style's defaults where none was given."""
@@ -152,6 +192,8 @@ def _checked_arguments(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if lesion_contrast < 0:
         raise ValueError(f"lesion_contrast must be >= 0, got {lesion_contrast}")
+    if distractor_rate < 0:
+        raise ValueError(f"distractor_rate must be >= 0, got {distractor_rate}")
     check_transfer_syntax(transfer_syntax)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"output directory {out} exists and is not empty")
@@ -159,18 +201,20 @@ def _checked_arguments(
 
 
 def _render_patients(
-    plans: list[PatientPlan], out: Path, lesion_contrast: float, workers: int
+    plans: list[PatientPlan], out: Path, options: _RenderOptions, workers: int
 ) -> list[_PatientOutput]:
     """Render every planned patient, in plan order; ``workers`` > 1 in a "spawn" process pool."""
     if workers == 1:
-        return [_render_patient(plan, out, lesion_contrast) for plan in plans]
+        return [_render_patient(plan, out, options) for plan in plans]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         n = len(plans)
-        return list(pool.map(_render_patient, plans, [out] * n, [lesion_contrast] * n))
+        return list(pool.map(_render_patient, plans, [out] * n, [options] * n))
 
 
-def _render_image(plan: PatientPlan, image: ImagePlan, lesion_contrast: float) -> RenderedView:
+def render_planned_image(
+    plan: PatientPlan, image: ImagePlan, lesion_contrast: float, distractors: ImageDistractors | None
+) -> RenderedView:
     """The pixels and ground truth of one planned image, in its style."""
     breast = plan.breast(image.laterality)
     render = render_film_view if image.film else render_view
@@ -188,18 +232,26 @@ def _render_image(plan: PatientPlan, image: ImagePlan, lesion_contrast: float) -
         label_corner=image.label_corner,
         border=image.border,
         detector_rng=np.random.default_rng(list(image.detector_seed)),
+        distractors=distractors,
     )
 
 
-def _render_patient(plan: PatientPlan, out: Path, lesion_contrast: float) -> _PatientOutput:
+def _render_patient(plan: PatientPlan, out: Path, options: _RenderOptions) -> _PatientOutput:
     """Render and write every image of one patient; return its csv rows."""
     rows: list[list[str]] = []
     lesion_rows: list[list[str]] = []
+    distractor_rows: list[list[str]] = []
     used: set[str] = set()
     machine = plan.machine
-    for image in plan.images:
+    distractors: list[ImageDistractors | None] = [None] * len(plan.images)
+    if options.distractor_rate > 0:
+        distractors = list(
+            plan_distractors(plan, seed=options.seed, rate=options.distractor_rate, film=options.film)
+        )
+    for image, image_distractors in zip(plan.images, distractors, strict=True):
         breast = plan.breast(image.laterality)
-        view = _render_image(plan, image, lesion_contrast)
+        view = render_planned_image(plan, image, options.lesion_contrast, image_distractors)
+        distractor_rows += _write_distractors(out, plan, image, view)
         ds = make_dicom(
             view.pixels,
             patient_id=str(plan.patient_id),
@@ -220,7 +272,7 @@ def _render_patient(plan: PatientPlan, out: Path, lesion_contrast: float) -> _Pa
             burned_in_annotation=view.label_box is not None,
             implant=plan.implant,
             model_name=machine.model_name,
-            breast_mask=view.breast_mask,
+            breast_mask=_window_mask(view),
             film=image.film,
             view_text=image.view_text or None,
             laterality_keyword=image.laterality_keyword or None,
@@ -228,21 +280,7 @@ def _render_patient(plan: PatientPlan, out: Path, lesion_contrast: float) -> _Pa
         write_dicom(ds, out / IMAGES_DIR / str(plan.patient_id) / f"{image.image_id}.dcm")
         used.add(image.transfer_syntax)
         if breast.cancer:
-            mask_path = out / MASKS_DIR / str(plan.patient_id) / f"{image.image_id}.png"
-            mask_path.parent.mkdir(parents=True, exist_ok=True)
-            if not cv2.imwrite(str(mask_path), view.lesion_mask):
-                raise OSError(f"could not write {mask_path}")
-            for box in view.lesion_boxes:
-                lesion_rows.append(
-                    [
-                        str(plan.patient_id),
-                        str(image.image_id),
-                        image.laterality,
-                        image.view,
-                        box.kind,
-                        *(str(v) for v in (box.y0, box.x0, box.y1, box.x1)),
-                    ]
-                )
+            lesion_rows += _write_lesions(out, plan, image, view)
         rows.append(
             [
                 str(machine.site_id),
@@ -264,9 +302,45 @@ def _render_patient(plan: PatientPlan, out: Path, lesion_contrast: float) -> _Pa
     return _PatientOutput(
         rows=rows,
         lesion_rows=lesion_rows,
+        distractor_rows=distractor_rows,
         transfer_syntaxes=used,
         n_cancer_breasts=sum(b.cancer for b in plan.breasts),
     )
+
+
+def _write_lesions(out: Path, plan: PatientPlan, image: ImagePlan, view: RenderedView) -> list[list[str]]:
+    """Write the image's lesion mask PNG and return its lesions.csv rows."""
+    mask_path = out / MASKS_DIR / str(plan.patient_id) / f"{image.image_id}.png"
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(mask_path), view.lesion_mask):
+        raise OSError(f"could not write {mask_path}")
+    ids = [str(plan.patient_id), str(image.image_id), image.laterality, image.view]
+    return [
+        [*ids, box.kind, *(str(v) for v in (box.y0, box.x0, box.y1, box.x1))] for box in view.lesion_boxes
+    ]
+
+
+def _window_mask(view: RenderedView) -> np.ndarray:
+    """The pixels the VOI window is computed from: the breast without its distractors, as a
+    unit leaves metal out of its automatic window."""
+    if view.distractor_labels is None:
+        return view.breast_mask
+    return view.breast_mask & (view.distractor_labels == 0)
+
+
+def _write_distractors(out: Path, plan: PatientPlan, image: ImagePlan, view: RenderedView) -> list[list[str]]:
+    """Write the image's distractor mask PNG (if it has any) and return its distractors.csv rows."""
+    if view.distractor_labels is None:
+        return []
+    boxes = label_boxes(view.distractor_labels, view.distractor_kinds)
+    if not boxes:
+        return []
+    path = out / DISTRACTOR_MASKS_DIR / str(plan.patient_id) / f"{image.image_id}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), view.distractor_labels):
+        raise OSError(f"could not write {path}")
+    ids = [str(plan.patient_id), str(image.image_id), image.laterality, image.view]
+    return [[*ids, kind, *(str(v) for v in (y0, x0, y1, x1, value))] for kind, y0, x0, y1, x1, value in boxes]
 
 
 def _write_csv(path: Path, header: tuple[str, ...], rows: list[list[str]]) -> None:
@@ -285,9 +359,12 @@ def _write_readme(
     transfer_syntax: str,
     lesion_contrast: float,
     style: str,
+    distractor_rate: float = 0.0,
 ) -> None:
     mixed = " (one of the others per image)" if transfer_syntax == MIXED else ""
     style_arg = f" style={style}" if style != DIGITAL else ""
+    if distractor_rate > 0:
+        style_arg += f" distractor_rate={distractor_rate}"
     text = f"""MammoNode synthetic screening mammography phantoms
 ==================================================
 
@@ -326,4 +403,25 @@ and no ViewPosition; the view is only in SeriesDescription (LEFT_CC, L CC, L-MLO
 side in Laterality or ImageLaterality. Sizes vary around the nominal size, widths are odd;
 "mixed" alternates RLE and JPEG 2000.
 """
+    if distractor_rate > 0:
+        text += DISTRACTOR_README
     (out / "README.txt").write_text(text, encoding="utf-8")
+
+
+DISTRACTOR_README = """
+Distractors (bright things that are not cancer), drawn at distractor_rate times the default
+frequencies of training.synth.distractor_plan (its docstring names the published sources and
+the assumptions):
+  distractors.csv   patient_id,image_id,laterality,view,kind,y0,x0,y1,x1,mask_value: one row per
+                    distractor per image; kind bb_marker|nipple_marker|scar_marker|clip|
+                    vessel_calcification|chest_device|metal_label|paddle_edge|digitiser_border|
+                    scratch; box half-open in original pixels, like lesions.csv
+  distractor_masks/<patient_id>/<image_id>.png   uint8, image size: the pixels of the row whose
+                    mask_value they hold (0 = none); only images with distractors have one.
+                    Boxes alone are too coarse for a vessel or a paddle edge across the image,
+                    so the evaluation's "CAM peak on a distractor" uses these masks.
+Sizes are physical (pixel size = ImagerPixelSpacing; film: a 240 mm film height); metal
+saturates the detector or nearly. No distractor lies within 20 mm of a malignant lesion, and
+distractors do not overlap each other. Breast-level kinds show in every view of the breast,
+placed per view. Markers, clips and vessels are not in lesions.csv or train_masks/.
+"""

@@ -23,6 +23,7 @@ import numpy as np
 
 from training.datasets.rsna import LesionBox
 from training.synth.anatomy import BreastAnatomy
+from training.synth.distractors import ImageDistractors, add_film_defects
 from training.synth.lesions import Lesion
 from training.synth.overlays import Box
 from training.synth.phantom import MIN_SIZE, RenderedView, render_view
@@ -59,12 +60,14 @@ def render_film_view(
     label_corner: int = 0,
     border: str | None = None,
     detector_rng: np.random.Generator | None = None,
+    distractors: ImageDistractors | None = None,
 ) -> RenderedView:
     """Render one digitised film of ``size`` (rows, columns) with its ground truth.
 
     Same arguments and ground truth as :func:`training.synth.phantom.render_view` (which draws the
     phantom at the reduced scale); ``lesion_mask``, ``breast_mask`` and ``lesion_boxes`` are at
-    the full size. Deterministic for the given generators.
+    the full size. Deterministic for the given generators. ``distractors``: the X-ray ones are
+    drawn with the phantom, the film defects (borders, scratches) on the scanned pixels.
     """
     rows, cols = int(size[0]), int(size[1])
     if min(rows, cols) < MIN_SIZE:
@@ -86,9 +89,10 @@ def render_film_view(
         label_corner=label_corner,
         border=border,
         detector_rng=det_rng,
+        distractors=distractors,
     )
     if small == (rows, cols):
-        return low
+        return _with_film_defects(low, distractors)
     maxval = (1 << bits_stored) - 1
     scanned = cv2.resize(low.pixels, (cols, rows), interpolation=cv2.INTER_LINEAR).astype(np.float32)
     scanned += det_rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(GRAIN_SIGMA * maxval)
@@ -96,7 +100,8 @@ def render_film_view(
     del scanned
     lesion_mask = _upscale_mask(low.lesion_mask, rows, cols)
     breast_mask = _upscale_mask(low.breast_mask.astype(np.uint8), rows, cols).astype(bool)
-    return RenderedView(
+    labels = None if low.distractor_labels is None else _upscale_mask(low.distractor_labels, rows, cols)
+    scanned_view = RenderedView(
         pixels=np.ascontiguousarray(pixels),
         lesion_mask=np.ascontiguousarray(lesion_mask),
         breast_mask=np.ascontiguousarray(breast_mask),
@@ -104,7 +109,23 @@ def render_film_view(
         lesion_boxes=[_upscale_box(box, lesion_mask, small, (rows, cols)) for box in low.lesion_boxes],
         label_box=_upscale_overlay(low.label_box, small, (rows, cols)),
         border_box=_upscale_overlay(low.border_box, small, (rows, cols)),
+        distractor_labels=labels,
+        distractor_kinds=low.distractor_kinds,
     )
+    return _with_film_defects(scanned_view, distractors)
+
+
+def _with_film_defects(view: RenderedView, distractors: ImageDistractors | None) -> RenderedView:
+    """``view`` with the film defects of ``distractors`` drawn on its pixels (in place)."""
+    if distractors is None or not distractors.film_items():
+        return view
+    labels = view.distractor_labels
+    if labels is None:
+        labels = np.zeros(view.pixels.shape, dtype=np.uint8)
+    view.distractor_labels, view.distractor_kinds = add_film_defects(
+        view.pixels, labels, view.distractor_kinds, view.lesion_mask, distractors, view.bits_stored
+    )
+    return view
 
 
 def _upscale_mask(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:

@@ -22,6 +22,7 @@ from training.synth.anatomy import (
     tissue_attenuation,
     view_geometry,
 )
+from training.synth.distractors import ImageDistractors, add_distractors
 from training.synth.lesions import AMPLITUDE, Lesion, paste_add, paste_max, render_lesion
 from training.synth.overlays import Box, border_box, label_mask
 
@@ -39,7 +40,8 @@ class RenderedView:
 
     ``pixels`` are uint16 in the MONOCHROME2 sense, below ``2**bits_stored``; ``lesion_mask``
     (uint8 0/255) covers the malignant lesions only; ``lesion_boxes`` are half-open pixel boxes
-    of those lesions, one per lesion.
+    of those lesions, one per lesion. ``distractor_labels`` (uint8, or None when the image has
+    no distractors) marks each distractor's pixels with ``i + 1`` for ``distractor_kinds[i]``.
     """
 
     pixels: np.ndarray
@@ -49,6 +51,8 @@ class RenderedView:
     lesion_boxes: list[LesionBox] = field(default_factory=list)
     label_box: Box | None = None
     border_box: Box | None = None
+    distractor_labels: np.ndarray | None = None
+    distractor_kinds: tuple[str, ...] = ()
 
 
 def _check_args(laterality: str, view: str, size: tuple[int, int], bits_stored: int) -> None:
@@ -78,6 +82,7 @@ def render_view(
     border: str | None = None,
     border_fraction: float = 0.02,
     detector_rng: np.random.Generator | None = None,
+    distractors: ImageDistractors | None = None,
 ) -> RenderedView:
     """Render one view of one breast.
 
@@ -88,6 +93,8 @@ def render_view(
     are silently skipped when they would overlap the breast (see ``label_box``/``border_box``).
     ``detector_rng`` (default: ``rng``) drives the detector noise and the strip level only, so a
     repeated acquisition of the same breast can reuse the tissue seed and differ in noise.
+    ``distractors`` (markers, clips, ...; see :mod:`training.synth.distractors`) are drawn from
+    their own generators, so without them the image is exactly what it was before they existed.
     """
     size = (int(size[0]), int(size[1]))
     _check_args(laterality, view, size, bits_stored)
@@ -100,6 +107,10 @@ def render_view(
     att = tissue_attenuation(rng, anatomy, geom)
 
     lesion_mask, canonical_boxes = _add_lesions(att, geom, lesions, view, lesion_contrast)
+    labels: np.ndarray | None = None
+    kinds: tuple[str, ...] = ()
+    if distractors is not None and distractors.xray_items():
+        labels, kinds = add_distractors(att, geom, lesion_mask, distractors)
 
     breast = geom.mask
     if laterality == "L":
@@ -107,14 +118,22 @@ def render_view(
         att = att[:, ::-1]
         lesion_mask = lesion_mask[:, ::-1]
         breast = breast[:, ::-1]
+        labels = None if labels is None else labels[:, ::-1]
         canonical_boxes = [(k, y0, w - x1, y1, w - x0) for k, y0, x0, y1, x1 in canonical_boxes]
     boxes = [LesionBox(kind=k, y0=y0, x0=x0, y1=y1, x1=x1) for k, y0, x0, y1, x1 in canonical_boxes]
 
     det_rng = rng if detector_rng is None else detector_rng
     pixels = _detector(det_rng, att, bits_stored)
-    placed_border, placed_label = _burn_in(
+    placed_border, placed_label, strokes = _burn_in(
         pixels, breast, laterality, det_rng, bits_stored, label, label_corner, border, border_fraction
     )
+    if labels is not None:
+        labels = np.ascontiguousarray(labels)
+        # Burned over: no longer visible.
+        if placed_border is not None:
+            labels[placed_border[0] : placed_border[2], placed_border[1] : placed_border[3]] = 0
+        if strokes is not None:
+            labels[strokes] = 0
 
     return RenderedView(
         pixels=np.ascontiguousarray(pixels),
@@ -124,6 +143,8 @@ def render_view(
         lesion_boxes=boxes,
         label_box=placed_label,
         border_box=placed_border,
+        distractor_labels=labels,
+        distractor_kinds=kinds,
     )
 
 
@@ -168,8 +189,9 @@ def _burn_in(
     label_corner: int,
     border: str | None,
     border_fraction: float,
-) -> tuple[Box | None, Box | None]:
-    """Burn the collimator strip and the label text into ``pixels`` (in place) where they fit."""
+) -> tuple[Box | None, Box | None, np.ndarray | None]:
+    """Burn the collimator strip and the label text into ``pixels`` (in place) where they fit;
+    returns the strip's box, the label's box and the label's strokes (bool mask)."""
     maxval = (1 << bits_stored) - 1
     chest_wall_left = laterality == "R"
     placed_border: Box | None = None
@@ -181,12 +203,13 @@ def _burn_in(
             strip = level + det_rng.normal(0.0, 0.003 * maxval, (y1 - y0, x1 - x0))
             pixels[y0:y1, x0:x1] = np.clip(strip, 0, maxval).astype(np.uint16)
     placed_label: Box | None = None
+    strokes: np.ndarray | None = None
     if label:
         found = label_mask(label, breast, chest_wall_left, label_corner)
         if found is not None:
             strokes, placed_label = found
             pixels[strokes] = maxval
-    return placed_border, placed_label
+    return placed_border, placed_label, strokes
 
 
 def _detector(rng: np.random.Generator, att: np.ndarray, bits_stored: int) -> np.ndarray:
