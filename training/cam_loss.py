@@ -1,4 +1,4 @@
-"""Optional lesion-mask guidance for the class-activation matrix.
+"""Optional lesion-mask guidance for the class-activation matrix (and distractor-mask suppression).
 
 With global average pooling the image logit is ``mean(M) + b``, so a weakly supervised network
 is rewarded for spreading activation over every cell whose receptive field sees the lesion: the
@@ -43,3 +43,24 @@ def cam_peak_loss(cams: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     target = coverage[keep] / total[keep, None]
     log_p = functional.log_softmax(cams[keep].float().flatten(1), dim=1)
     return -(target * log_p).sum(dim=1).mean()
+
+
+def distractor_peak_loss(cams: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean ``-log(1 - p_on)``: ``p_on`` is the spatial-softmax mass of the CAM on the cells that
+    see a distractor (a skin marker, clip, calcified vessel, device... of the phantoms).
+
+    The counterpart of :func:`cam_peak_loss` for what is *not* cancer: it asks the CAM's maximum to
+    stay off those cells, in every image that has one (cancer-free or not), and like it is
+    invariant to a constant added to the CAM, so the image logit is left to the image loss.
+    Images without a distractor do not count (a zero in the graph when none is left).
+    """
+    if cams.dim() != 3 or masks.dim() != 3 or cams.shape[0] != masks.shape[0]:
+        shapes = f"{tuple(cams.shape)}, {tuple(masks.shape)}"
+        raise ValueError(f"need cams (B, h, w) and masks (B, H, W) of one batch, got {shapes}")
+    on = (lesion_coverage(masks, (cams.shape[1], cams.shape[2])).flatten(1) > 0).float()
+    keep = on.sum(dim=1) > 0
+    if not bool(keep.any()):
+        return cams.sum() * 0.0
+    p = functional.softmax(cams[keep].float().flatten(1), dim=1)
+    p_on = (p * on[keep]).sum(dim=1).clamp(max=1.0 - 1e-6)
+    return -torch.log1p(-p_on).mean()

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from training import ddp
-from training.cam_loss import cam_peak_loss
+from training.cam_loss import cam_peak_loss, distractor_peak_loss
 from training.loop_types import LabelledDataset, TrainConfig
 from training.metrics import pf1, roc_auc
 from training.predict import Batch, autocast, collate_items, model_outputs, run_model
@@ -43,11 +43,13 @@ def train_epoch(
     epoch: int,
     show_progress: bool,
     mask_source: Callable[[Sequence[int]], torch.Tensor] | None = None,
+    distractor_source: Callable[[Sequence[int]], torch.Tensor] | None = None,
 ) -> float:
     """One pass over the sampler's batches; returns the mean training loss over all ranks.
 
-    With ``mask_source`` (``cam_mask_weight > 0``) the masks are augmented with their images and
-    the CAM-peak term is part of the loss.
+    With ``mask_source`` (``cam_mask_weight > 0``) the lesion masks, and with ``distractor_source``
+    (``cam_distractor_weight > 0``) the distractor masks, are augmented with their images and
+    the CAM-peak terms are part of the loss.
     """
     model.train()
     generator = torch.Generator().manual_seed(stream_seed(config.seed, epoch, ctx.rank, 1))
@@ -57,18 +59,22 @@ def train_epoch(
     for batch in cast(Sequence[Batch], bar):
         images = batch.images.to(ctx.device, non_blocking=True)
         labels = batch.labels.to(ctx.device, non_blocking=True)
-        masks = None if mask_source is None else mask_source(batch.indices.tolist()).to(ctx.device)
+        sources = [s for s in (mask_source, distractor_source) if s is not None]
+        indices = batch.indices.tolist()
+        stacked = torch.stack([s(indices) for s in sources], dim=1).to(ctx.device) if sources else None
         if config.augment:
-            if masks is None:
+            if stacked is None:
                 images = augment(images, config=config.augmentation, generator=generator)
             else:
-                images, masks = augment(images, masks, config=config.augmentation, generator=generator)
+                images, stacked = augment(images, stacked, config=config.augmentation, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         with autocast(ctx.device, config.amp):
             logits, cams = model_outputs(model, images)
         loss = criterion(logits.float(), labels)
-        if masks is not None:
-            loss = loss + config.cam_mask_weight * cam_peak_loss(cams.float(), masks)
+        if mask_source is not None and stacked is not None:
+            loss = loss + config.cam_mask_weight * cam_peak_loss(cams.float(), stacked[:, 0])
+        if distractor_source is not None and stacked is not None:
+            loss = loss + config.cam_distractor_weight * distractor_peak_loss(cams.float(), stacked[:, -1])
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()

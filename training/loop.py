@@ -47,6 +47,9 @@ from training.loop_types import LabelledDataset, MaskedDataset, TrainConfig, Tra
 from training.predict import collate_items
 from training.sampler import BalancedPredictionIdSampler
 
+MaskSource = Callable[[Sequence[int]], torch.Tensor]
+"""Masks on the model grid, ``(B, H, W)``, of the training items with the given indices."""
+
 logger = logging.getLogger(__name__)
 
 
@@ -125,7 +128,7 @@ def _run(
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         model = DistributedDataParallel(module, device_ids=device_ids)
 
-    criterion, mask_source = _criterion(config, train_set, ctx)
+    criterion, mask_source, distractor_source = _criterion(config, train_set, ctx)
     sampler, loader = _loader(config, train_set, ctx)
     if ctx.is_main:
         _log_start(config, train_set, val_set, len(sampler), ctx)
@@ -141,7 +144,17 @@ def _run(
         sampler.set_epoch(epoch)
         lr = float(optimizer.param_groups[0]["lr"])
         train_loss = train_epoch(
-            model, loader, optimizer, scaler, criterion, config, ctx, epoch, show, mask_source
+            model,
+            loader,
+            optimizer,
+            scaler,
+            criterion,
+            config,
+            ctx,
+            epoch,
+            show,
+            mask_source,
+            distractor_source,
         )
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training diverged: mean loss {train_loss} in epoch {epoch}")
@@ -196,18 +209,23 @@ def _optimisers(
 
 def _criterion(
     config: TrainConfig, train_set: LabelledDataset, ctx: ddp.DistContext
-) -> tuple[nn.BCEWithLogitsLoss, Callable[[Sequence[int]], torch.Tensor] | None]:
-    """The (class-weighted) loss, and the lesion masks when the CAM is guided by them."""
-    mask_source: Callable[[Sequence[int]], torch.Tensor] | None = None
+) -> tuple[nn.BCEWithLogitsLoss, MaskSource | None, MaskSource | None]:
+    """The (class-weighted) loss, and the lesion and distractor masks when the CAM is guided by them."""
+    mask_source: MaskSource | None = None
+    distractor_source: MaskSource | None = None
     if config.cam_mask_weight > 0:
         if not hasattr(train_set, "lesion_masks"):
             raise ValueError("cam_mask_weight > 0 needs a training set with lesion masks")
         mask_source = cast(MaskedDataset, train_set).lesion_masks
+    if config.cam_distractor_weight > 0:
+        if not hasattr(train_set, "distractor_masks"):
+            raise ValueError("cam_distractor_weight > 0 needs a training set with distractor masks")
+        distractor_source = cast(MaskSource, train_set.distractor_masks)
     pos_weight = _pos_weight(config, train_set.labels)
     criterion = nn.BCEWithLogitsLoss(
         pos_weight=None if pos_weight is None else torch.tensor(pos_weight, device=ctx.device)
     )
-    return criterion, mask_source
+    return criterion, mask_source, distractor_source
 
 
 def _loader(

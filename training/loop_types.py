@@ -87,6 +87,9 @@ class TrainConfig:
     """Weight of :func:`training.cam_loss.cam_peak_loss` (lesion-mask guidance of the CAM peak)
     added to the training loss; 0 = seed 003 (image labels only). Needs a :class:`MaskedDataset`.
     The validation loss, which selects the checkpoint, stays the image loss."""
+    cam_distractor_weight: float = 0.0
+    """Weight of :func:`training.cam_loss.distractor_peak_loss` (keeps the CAM peak off the
+    phantoms' skin markers, clips, vessels...); 0 = off. Needs a dataset with ``distractor_masks``."""
     val_batch_size: int = 16
     progress: bool | None = None
     """Show tqdm bars; None = only when stderr is a terminal."""
@@ -112,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"early_stopping_min_delta must be >= 0, got {self.early_stopping_min_delta}")
         if not self.cam_mask_weight >= 0:
             raise ValueError(f"cam_mask_weight must be >= 0, got {self.cam_mask_weight}")
+        if not self.cam_distractor_weight >= 0:
+            raise ValueError(f"cam_distractor_weight must be >= 0, got {self.cam_distractor_weight}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.class_weighting not in ("none", "balanced"):

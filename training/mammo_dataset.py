@@ -32,9 +32,16 @@ class MammoTensorDataset(Dataset[tuple[torch.Tensor, float, str, int]]):
 
     def lesion_masks(self, indices: Sequence[int]) -> torch.Tensor:
         """``(B, H, W)`` bool lesion masks on the model grid; all False where none is known."""
+        return self._masks(indices, "mask")
+
+    def distractor_masks(self, indices: Sequence[int]) -> torch.Tensor:
+        """``(B, H, W)`` bool distractor masks on the model grid; all False where none is known."""
+        return self._masks(indices, "distractors")
+
+    def _masks(self, indices: Sequence[int], name: str) -> torch.Tensor:
         out = torch.zeros((len(indices), *self.samples[0].pixels.shape), dtype=torch.bool)
         for row, index in enumerate(indices):
-            mask = self.samples[index].mask
+            mask = getattr(self.samples[index], name)
             if mask is not None:
                 out[row] = torch.from_numpy(mask.astype(bool))
         return out

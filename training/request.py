@@ -40,12 +40,18 @@ class TrainRequest:
     """Model folder whose weights start the run (fine-tuning); None = random initialisation."""
     cam_mask_weight: float = 0.0
     """Lesion-mask guidance of the CAM peak (see :mod:`training.cam_loss`); 0 = seed 003."""
+    cam_distractor_weight: float = 0.0
+    """Distractor-mask suppression of the CAM peak (phantoms' distractor_masks/); 0 = off."""
 
     def __post_init__(self) -> None:
-        if not self.cam_mask_weight >= 0:
-            raise InputError(f"--cam-mask-weight must be >= 0, got {self.cam_mask_weight}")
-        if self.cam_mask_weight > 0 and self.layout != "rsna":
-            raise InputError("--cam-mask-weight needs lesion masks, which only the rsna layout has")
+        for option, value in (
+            ("--cam-mask-weight", self.cam_mask_weight),
+            ("--cam-distractor-weight", self.cam_distractor_weight),
+        ):
+            if not value >= 0:
+                raise InputError(f"{option} must be >= 0, got {value}")
+            if value > 0 and self.layout != "rsna":
+                raise InputError(f"{option} needs masks, which only the rsna layout has")
 
     def initial_model(self, in_chans: int = 1) -> Any:
         """The untrained model, or the ``init_model`` weights when fine-tuning (checked to fit)."""
@@ -66,7 +72,10 @@ class TrainRequest:
 
     def provenance(self) -> dict[str, Any]:
         """What the manifest records about how the weights started and what guided them."""
-        info: dict[str, Any] = {"cam_mask_weight": self.cam_mask_weight}
+        info: dict[str, Any] = {
+            "cam_mask_weight": self.cam_mask_weight,
+            "cam_distractor_weight": self.cam_distractor_weight,
+        }
         if self.init_model is not None:
             start = load_manifest(self.init_model)
             info["initialised_from"] = {
@@ -92,6 +101,7 @@ class TrainRequest:
             "out_dir": self.out,
             "resume": self.resume,
             "cam_mask_weight": self.cam_mask_weight,
+            "cam_distractor_weight": self.cam_distractor_weight,
             "augment": True,
         }
         return TrainConfig(**{**settings, **overrides})

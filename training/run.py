@@ -25,8 +25,10 @@ from inference.backends.loader import load_backend
 from inference.bundled import resolve_model_dir
 from inference.manifest import ModelManifest, save_manifest
 from inference.types import InputError, PreprocessConfig
+from training.datasets.distractors import distractor_mask_path
 from training.datasets.mammo import load_samples
 from training.datasets.rsna import lesion_mask_path, load_rsna
+from training.distractor_eval import distractor_report, format_distractors
 from training.evaluate import breast_table, evaluate_predictions, predict_samples, write_plots
 from training.metrics import binary_metrics, threshold_for_sensitivity
 from training.plots import write_training_curves
@@ -43,7 +45,10 @@ log = logging.getLogger(__name__)
 def _rsna_samples(root: Path, config: PreprocessConfig, workers: int) -> list[Any]:
     records = load_rsna(root)
     masks = [lesion_mask_path(root, r) for r in records]
-    samples, errors = load_samples(records, config, mask_paths=masks, workers=workers)
+    distractors = [distractor_mask_path(root, r.patient_id, r.image_id) for r in records]
+    samples, errors = load_samples(
+        records, config, mask_paths=masks, distractor_paths=distractors, workers=workers
+    )
     if not samples:
         raise InputError(f"no usable images in {root} ({len(errors)} failed)")
     return samples
@@ -191,6 +196,15 @@ def evaluate_mammo(
         aggregation=method,
         target_sensitivity=target_sensitivity,
     )
+    report["distractors"] = distractor_report(
+        dataset,
+        samples,
+        predictions.probabilities,
+        predictions.cams,
+        threshold=manifest.threshold,
+        aggregation=method,
+        tolerance_px=report["cam"]["tolerance_px"],
+    )
     n_patients = len({s.record.patient_id for s in samples})
     report["measured_on"] = {
         "dataset": str(dataset),
@@ -239,4 +253,6 @@ def format_report(report: dict[str, Any]) -> str:
         f"CAM on {cam['n_images']} lesion images: pointing game {_fmt(cam['pointing_game'])}, "
         f"dice {_fmt(cam['dice'])}"
     )
+    if "distractors" in report:  # reports recorded before issue 13 lack it
+        lines += format_distractors(report["distractors"])
     return "\n".join(lines)

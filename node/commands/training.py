@@ -27,8 +27,8 @@ def synth_command(
     transfer_syntax: Annotated[
         str | None,
         typer.Option(
-            help="explicit, jpeg2000, jpegls, jpeg-lossless, rle or mixed (film: RLE and JPEG 2000). "
-            "Default explicit, film rle."
+            help="explicit, jpeg2000, jpegls, jpeg-lossless, rle, htj2k, htj2k-rpcl, htj2k-lossy or "
+            "mixed (the first five; film: RLE and JPEG 2000). Default explicit, film rle."
         ),
     ] = None,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
@@ -43,6 +43,15 @@ def synth_command(
             "odd sizes around 4500x2700; --patients is then the number of images)."
         ),
     ] = "digital",
+    distractor_rate: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Multiplier of the documented frequencies of skin markers, clips, calcified vessels, "
+            "pacemakers, lead letters, paddle edges and film defects (0 = none; their boxes go to "
+            "distractors.csv, their pixels to distractor_masks/).",
+        ),
+    ] = 1.0,
 ) -> None:
     """Write synthetic screening studies (phantoms with lesions) in the RSNA layout."""
     from training.synth import STYLES, TRANSFER_SYNTAXES, generate_dataset
@@ -64,6 +73,7 @@ def synth_command(
         workers=workers,
         lesion_contrast=lesion_contrast,
         style=style,
+        distractor_rate=distractor_rate,
     )
     typer.echo(
         f"wrote {summary.n_images} images of {summary.n_patients} patients "
@@ -101,6 +111,13 @@ def train_command(
         float,
         typer.Option(help="Weight of the lesion-mask guidance of the CAM peak (0 = image labels only)."),
     ] = 0.0,
+    cam_distractor_weight: Annotated[
+        float,
+        typer.Option(
+            help="Weight of the term keeping the CAM peak off the phantoms' distractors (skin markers, "
+            "clips, vessels...: distractor_masks/ of `mammonode synth`); 0 = off."
+        ),
+    ] = 0.0,
     amp: Annotated[bool, typer.Option(help="Automatic mixed precision.")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     workers: Annotated[int, typer.Option(min=1, help="Preprocessing worker processes.")] = 1,
@@ -135,6 +152,7 @@ def train_command(
             resume=resume,
             init_model=init_model,
             cam_mask_weight=cam_mask_weight,
+            cam_distractor_weight=cam_distractor_weight,
             amp=amp,
             device=device,
             workers=workers,

@@ -34,6 +34,7 @@ class MammoSample:
     pixels: np.ndarray  # (H, W) float16 in [0, 1]
     transform: GeometricTransform
     mask: np.ndarray | None  # (H, W) bool on the model grid, None without a lesion mask
+    distractors: np.ndarray | None = None  # (H, W) bool, any coverage by a distractor (phantoms)
 
     @property
     def label(self) -> int:
@@ -44,18 +45,26 @@ class MammoSample:
         return self.record.prediction_id
 
 
-def _load_one(args: tuple[RsnaRecord, PreprocessConfig, Path | None]) -> MammoSample | str:
-    record, config, mask_path = args
+def _load_one(args: tuple[RsnaRecord, PreprocessConfig, Path | None, Path | None]) -> MammoSample | str:
+    record, config, mask_path, distractor_path = args
     try:
         image = preprocess(read_dataset(record.path), config)
     except InputError as exc:
         return f"{record.path}: {exc}"
-    mask = None
-    if mask_path is not None and mask_path.exists():
-        raw = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
-        if raw is not None and raw.shape == image.transform.original_shape:
-            mask = original_to_grid((raw > 0).astype(np.float32), image.transform) > 0.25
-    return MammoSample(record, image.pixels.astype(np.float16), image.transform, mask)
+    mask = _grid_mask(mask_path, image.transform, 0.25)
+    # Any coverage: a tram-track vessel or a wire is thinner than a grid pixel.
+    distractors = _grid_mask(distractor_path, image.transform, 0.0)
+    return MammoSample(record, image.pixels.astype(np.float16), image.transform, mask, distractors)
+
+
+def _grid_mask(path: Path | None, transform: GeometricTransform, coverage: float) -> np.ndarray | None:
+    """A mask PNG in original pixels on the model grid: grid pixels covered more than ``coverage``."""
+    if path is None or not path.exists():
+        return None
+    raw = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if raw is None or raw.shape != transform.original_shape:
+        return None
+    return np.asarray(original_to_grid((raw > 0).astype(np.float32), transform) > coverage)
 
 
 def load_samples(
@@ -63,11 +72,13 @@ def load_samples(
     config: PreprocessConfig,
     *,
     mask_paths: Sequence[Path | None] | None = None,
+    distractor_paths: Sequence[Path | None] | None = None,
     workers: int = 1,
 ) -> tuple[list[MammoSample], list[str]]:
     """Preprocess ``records``; returns the samples and one line per image that could not be used."""
     masks = list(mask_paths) if mask_paths is not None else [None] * len(records)
-    jobs = [(r, config, m) for r, m in zip(records, masks, strict=True)]
+    others = list(distractor_paths) if distractor_paths is not None else [None] * len(records)
+    jobs = [(r, config, m, d) for r, m, d in zip(records, masks, others, strict=True)]
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(_load_one, jobs, chunksize=8))
