@@ -387,21 +387,27 @@ def blend_cam(image01: np.ndarray, cam_map: np.ndarray, *, strength: float = 1.0
     """
     img = _sanitised(image01, high=1.0, posinf=1.0)
     heat = _sanitised(cam_map, high=np.inf, posinf=0.0)
-    grey8 = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+    grey8 = np.rint(img * np.float32(255.0)).astype(np.uint8)  # img is in [0, 1]: no clipping
     rgb = np.repeat(grey8[:, :, None], 3, axis=2)
     peak = float(heat.max()) if heat.size else 0.0
     opacity = MAX_ALPHA * float(np.clip(np.nan_to_num(strength), 0.0, 1.0))
     if peak <= 0.0 or opacity <= 0.0:
         logger.debug("CAM map is empty or fully transparent; overlay shows the greyscale image only")
         return rgb
-    norm = heat / peak
+    # Only the map's bounding box is blended: the thresholded map is zero over most of the image.
+    rows = np.flatnonzero(heat.max(axis=1) > 0.0)
+    cols = np.flatnonzero(heat.max(axis=0) > 0.0)
+    box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    norm = heat[box] / np.float32(peak)
     active = norm > 0.0
     colour_bgr = cv2.applyColorMap(np.clip(np.rint(norm * 255.0), 0, 255).astype(np.uint8), COLORMAP)
     colour = cv2.cvtColor(colour_bgr, cv2.COLOR_BGR2RGB).astype(np.float32)
     alpha = (opacity * norm)[:, :, None]
-    blended = rgb.astype(np.float32) * (1.0 - alpha) + colour * alpha
+    grey = rgb[box]
+    blended = grey.astype(np.float32) * (1.0 - alpha) + colour * alpha
     blended_u8 = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-    return np.where(active[:, :, None], blended_u8, rgb)
+    rgb[box] = np.where(active[:, :, None], blended_u8, grey)
+    return rgb
 
 
 def render_cam_overlay(

@@ -15,13 +15,14 @@ images are missing and why (design invariants 8 and 9).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import SecondaryCaptureImageStorage
 
 from inference.aggregation import AGGREGATIONS, aggregate_studies
 from inference.backends.base import Backend
@@ -32,6 +33,7 @@ from inference.pixel_pool import PixelPool
 from inference.preprocessing import preprocess_levels
 from inference.reduced_decode import SourceLevels
 from inference.rendering import (
+    Capture,
     CaptureTask,
     EncodedObject,
     ReportTask,
@@ -290,28 +292,74 @@ class Pipeline:
             )
             for number, image in enumerate(study.images, start=1)
         ]
+        present = {view_key(i.meta.laterality, i.meta.view) for i in study.images}
+        missing = tuple(v for v in expected_views if v not in present)
+        sources = [by_uid[i.meta.sop_instance_uid].dataset for i in study.images]
+        # The reports are rendered alongside the captures, on the cores the captures leave idle,
+        # as if every capture succeeds; a report that named a capture which failed is redone.
+        expected = expected_capture_references(tasks)
+        report_task = self._report_task(
+            study, sources, not_analysed, missing, (), marks, expected, result_version
+        )
+        cad_task = self._cad_task(study, sources, marks, not_analysed, missing, result_version)
+        jobs: list[RenderJob] = [*((render_capture, t) for t in tasks), (render_report, report_task)]
+        jobs.append((render_cad_report, cad_task))
+        outcomes = [outcome for _, outcome in pool.imap(run_render_job, jobs)]
         captures: list[EncodedObject | None] = []
         pictures: list[np.ndarray | None] = []
         capture_failures: list[ImageFailure] = []
-        for task, outcome in pool.imap(render_capture, tasks):
+        for task, outcome in zip(tasks, outcomes, strict=False):
             if isinstance(outcome, Exception):
                 capture_failures.append(image_failure(task.score.meta, outcome))
                 captures.append(None)
                 pictures.append(None)
             else:
+                assert isinstance(outcome, Capture)
                 captures.append(outcome.encoded)
                 pictures.append(outcome.picture)
-        present = {view_key(i.meta.laterality, i.meta.view) for i in study.images}
-        missing = tuple(v for v in expected_views if v not in present)
+        report, cad = outcomes[len(tasks)], outcomes[len(tasks) + 1]
+        if capture_failures or capture_references(tasks, captures) != expected:
+            report_task = replace(
+                report_task,
+                captures_missing=tuple(capture_failures),
+                captures=capture_references(tasks, captures),
+            )
+            ((_, report),) = list(pool.imap(render_report, [report_task]))
+        if isinstance(report, Exception):
+            raise report
+        assert isinstance(report, EncodedObject)
+        outputs = StudyOutputs(
+            study, captures, pictures, report, capture_failures, list(not_analysed), missing
+        )
+        if isinstance(cad, Exception):
+            outputs.object_failures.append(f"Mammography CAD SR: {scrub(describe(cad))}")
+        else:
+            assert isinstance(cad, EncodedObject)
+            outputs.cad_report = cad
+        if self.write_presentation_states:
+            self._presentation_states(outputs, sources, marks, pool, result_version)
+        return outputs
+
+    def _report_task(
+        self,
+        study: StudyScore,
+        sources: Sequence[Dataset],
+        not_analysed: Sequence[ImageFailure],
+        missing: tuple[str, ...],
+        captures_missing: tuple[ImageFailure, ...],
+        marks: Mapping[str, tuple[CamMark, ...]],
+        captures: dict[str, CaptureReference],
+        result_version: int,
+    ) -> ReportTask:
         series_uid, sop_uid = sr_uids(
             study.study_instance_uid,
             self.algorithm,
             [i.meta.sop_instance_uid for i in study.images],
             result_version,
         )
-        report_task = ReportTask(
+        return ReportTask(
             study=study,
-            sources=[by_uid[i.meta.sop_instance_uid].dataset for i in study.images],
+            sources=sources,
             algorithm=self.algorithm,
             series_instance_uid=series_uid,
             sop_instance_uid=sop_uid,
@@ -319,36 +367,27 @@ class Pipeline:
             aggregation=self.aggregation,
             not_analysed=tuple(not_analysed),
             missing_views=missing,
-            captures_missing=tuple(capture_failures),
+            captures_missing=captures_missing,
             marks=marks,
-            captures=capture_references(tasks, captures),
+            captures=captures,
         )
-        ((_, report),) = list(pool.imap(render_report, [report_task]))
-        if isinstance(report, Exception):
-            raise report
-        outputs = StudyOutputs(
-            study, captures, pictures, report, capture_failures, list(not_analysed), missing
-        )
-        self._mark_objects(outputs, report_task.sources, marks, pool, result_version)
-        return outputs
 
-    def _mark_objects(
+    def _cad_task(
         self,
-        outputs: StudyOutputs,
+        study: StudyScore,
         sources: Sequence[Dataset],
         marks: Mapping[str, tuple[CamMark, ...]],
-        pool: PixelPool,
+        not_analysed: Sequence[ImageFailure],
+        missing: tuple[str, ...],
         result_version: int,
-    ) -> None:
-        """Add the CAD SR and the presentation states (when asked for) to ``outputs``."""
-        study = outputs.score
+    ) -> CadReportTask:
         series_uid, sop_uid = cad_sr_uids(
             study.study_instance_uid,
             self.algorithm,
             [i.meta.sop_instance_uid for i in study.images],
             result_version,
         )
-        cad_task = CadReportTask(
+        return CadReportTask(
             study=study,
             sources=sources,
             marks=marks,
@@ -356,16 +395,20 @@ class Pipeline:
             series_instance_uid=series_uid,
             sop_instance_uid=sop_uid,
             series_number=CAD_SR_SERIES_NUMBER,
-            not_analysed=tuple(outputs.not_analysed),
-            missing_views=outputs.missing_views,
+            not_analysed=tuple(not_analysed),
+            missing_views=missing,
         )
-        ((_, cad),) = list(pool.imap(render_cad_report, [cad_task]))
-        if isinstance(cad, Exception):
-            outputs.object_failures.append(f"Mammography CAD SR: {scrub(describe(cad))}")
-        else:
-            outputs.cad_report = cad
-        if not self.write_presentation_states:
-            return
+
+    def _presentation_states(
+        self,
+        outputs: StudyOutputs,
+        sources: Sequence[Dataset],
+        marks: Mapping[str, tuple[CamMark, ...]],
+        pool: PixelPool,
+        result_version: int,
+    ) -> None:
+        """Add one presentation state per image with the CAD marks to ``outputs``."""
+        study = outputs.score
         tasks = [
             self._presentation_task(study, source, image, marks, number, result_version)
             for number, (image, source) in enumerate(zip(study.images, sources, strict=True), start=1)
@@ -450,6 +493,28 @@ def report_marks(study: StudyScore) -> dict[str, tuple[CamMark, ...]]:
         except (ValueError, cv2.error) as exc:
             log.warning("no CAM marks for image %s: %s", image.meta.sop_instance_uid, describe(exc))
     return marks
+
+
+RenderJob = tuple[Callable[[Any], object], object]
+"""A rendering function of :mod:`inference.rendering` or :mod:`inference.rendering_marks` and its
+task: one item of the pool's work for a study (module-level functions pickle by name)."""
+
+
+def run_render_job(job: RenderJob) -> object:
+    """Run one :data:`RenderJob` (in a pool child)."""
+    fn, task = job
+    return fn(task)
+
+
+def expected_capture_references(tasks: Sequence[CaptureTask]) -> dict[str, CaptureReference]:
+    """What :func:`capture_references` gives when every capture succeeds: a CAM capture is a
+    Secondary Capture Image with the UIDs its task was given."""
+    return {
+        task.score.meta.sop_instance_uid: CaptureReference(
+            SecondaryCaptureImageStorage, task.sop_instance_uid, task.series_instance_uid
+        )
+        for task in tasks
+    }
 
 
 def capture_references(

@@ -17,15 +17,15 @@ the full code stream, which nvJPEG2000 does fast and without a reduced-resolutio
 3. **Device** (``_geometry_graph``): the chosen level (already windowed and normalised, a quarter
    or a sixteenth of the source's pixels) is cropped, flipped, resized (area resampling as
    OpenCV's INTER_AREA when shrinking: nearest-neighbour samples on a grid k times finer, then
-   the mean of each k x k block, k at least :data:`AREA_SUPERSAMPLING` / scale; plain bilinear when growing), padded onto the model grid, clipped
-   to [0, 1] and laid out as (B, 1, H, W). On a GPU the batch stays in device memory and is
-   handed to the backend as a :class:`~inference.backends.cuda_runtime.CudaArray` (TensorRT binds
-   its pointer; torch wraps it), never through the host.
+   the mean of each k x k block, k at least :data:`AREA_SUPERSAMPLING` / scale; plain bilinear
+   when growing), padded onto the model grid, clipped to [0, 1] and laid out as (B, 1, H, W). On a
+   GPU the batch stays in device memory and is handed to the backend as a
+   :class:`~inference.backends.cuda_runtime.CudaArray` (TensorRT binds its pointer; torch wraps
+   it), never through the host.
 
 The one difference from the CPU path, bounded by the parity test: when shrinking, the box mean of
-nearest-neighbour samples on a grid k times finer instead of OpenCV's exact
-INTER_AREA (the same box filter, sampled bilinearly rather than integrated: small differences at
-sharp edges).
+nearest-neighbour samples on a grid k times finer instead of OpenCV's exact INTER_AREA (the same
+box filter, sampled rather than integrated: small differences at sharp edges).
 
 What DALI is not given, the CPU path takes (``fallbacks``, with the reason): transfer syntaxes
 other than JPEG 2000 (and JPEG Lossless, which DALI decodes on the GPU only); 8-bit code streams
