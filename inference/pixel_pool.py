@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from inference.types import InputError
 
@@ -83,6 +83,9 @@ def usable_cpus() -> int:
 
 
 PARENT_POLL_SECONDS = 1.0
+ISOLATION_ATTEMPTS = 8
+"""Runs of one item after a child death before it is blamed even though other threads' tasks ran
+beside it (a bound, so a busy pool cannot keep an isolation going forever)."""
 
 
 def _init_worker(parent: int) -> None:
@@ -155,6 +158,10 @@ class PixelPool:
         self.in_flight = 0
         self._executor: Executor | None = None
         self._lock = threading.Lock()
+        self._alone = threading.Lock()
+        """Held while an item runs alone to learn whether it kills its child (one at a time)."""
+        self._running = 0  # tasks submitted and not finished, from every thread (under _lock)
+        self._submissions = 0  # tasks ever submitted (under _lock)
         self._last_used = time.monotonic()
 
     def __enter__(self) -> PixelPool:
@@ -276,19 +283,44 @@ class PixelPool:
             return self._submit_to(self._pool(), fn, item)
 
     def _submit_to(self, executor: Executor, fn: Callable[[S], R], item: S) -> Future[R]:
-        if self.kind == "process":
-            return executor.submit(_in_child, fn, item)
-        return executor.submit(fn, item)
+        future = executor.submit(_in_child, fn, item) if self.kind == "process" else executor.submit(fn, item)
+        with self._lock:
+            self._running += 1
+            self._submissions += 1
+        future.add_done_callback(self._finished)
+        return future
+
+    def _finished(self, _future: Future[Any]) -> None:
+        with self._lock:
+            self._running -= 1
 
     def _isolated(self, fn: Callable[[S], R], item: S) -> R | Exception:
-        try:
-            return self._submit(fn, item).result()
-        except BrokenProcessPool:
-            self._restart()
-            log.warning("a pixel-work process died on one item; that item fails alone")
-            return InputError(CHILD_DIED)
-        except Exception as exc:  # noqa: BLE001 - the task's own error, handed to the caller
-            return exc
+        """Run ``item`` again to learn whether it kills its child. The pool may serve several
+        threads: a child death is blamed on ``item`` only if ``item`` was the only task in the
+        pool while it ran; otherwise it is run again (isolated runs take turns, and the other
+        threads' tasks, broken by the same death, wait for their own turn)."""
+        with self._alone:
+            for attempt in range(ISOLATION_ATTEMPTS):
+                with self._lock:
+                    before = self._submissions
+                alone = False
+                try:
+                    future = self._submit(fn, item)
+                    with self._lock:
+                        alone = self._running == 1 and self._submissions == before + 1
+                    result = future.result()
+                except BrokenProcessPool:
+                    with self._lock:
+                        alone = alone and self._submissions == before + 1
+                    self._restart()
+                    if not alone and attempt + 1 < ISOLATION_ATTEMPTS:
+                        continue
+                    log.warning("a pixel-work process died on one item; that item fails alone")
+                    return InputError(CHILD_DIED)
+                except Exception as exc:  # noqa: BLE001 - the task's own error, handed to the caller
+                    return exc
+                return result
+        return InputError(CHILD_DIED)  # not reached: the last attempt returns
 
     def _note(self, in_flight: int) -> None:
         self.in_flight = in_flight

@@ -190,6 +190,8 @@ class Node:
         self._stop_endpoint()
         self._started = False
         self._stop.set()
+        if self.worker is not None:
+            self.worker.close()  # no more claims; the jobs claimed ahead of a round are given back
         for thread in self._threads:
             thread.join(timeout)
             if thread.is_alive():

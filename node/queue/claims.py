@@ -21,6 +21,7 @@ import datetime as dt
 import logging
 import os
 import socket
+from collections.abc import Collection
 
 from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -144,14 +145,17 @@ def is_due(now: dt.datetime) -> ColumnElement[bool]:
     return or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now)
 
 
-def requeue_stale_claims(sessions: sessionmaker[Session], *, worker: str | None = None) -> int:
+def requeue_stale_claims(
+    sessions: sessionmaker[Session], *, worker: str | None = None, keep: Collection[int] = ()
+) -> int:
     """Put jobs left ``claimed`` by a worker that is gone back to ``pending``; returns how many.
 
     Without ``worker`` (a node starting): the claims whose lease lapsed, and those of this host's
     workers whose process is gone; claims of live workers elsewhere are left alone. With
     ``worker``: that worker's own claims, which it calls for before each round for a job it could
-    not release (the database was gone). A claim is not an attempt (:mod:`node.queue.retry`): a
-    node killed in the middle of a job charges the job nothing. Results are written under
+    not release (the database was gone), except the jobs in ``keep`` (the round it claimed ahead,
+    :mod:`node.queue.prefetch`). A claim is not an attempt (:mod:`node.queue.retry`): a node
+    killed in the middle of a job charges the job nothing. Results are written under
     deterministic UIDs and committed with the job, so re-running a job that died half way never
     duplicates anything.
     """
@@ -162,14 +166,37 @@ def requeue_stale_claims(sessions: sessionmaker[Session], *, worker: str | None 
             lapsed = job.lease_expires_at is None or as_utc(job.lease_expires_at) < now
             if worker is None and not lapsed and not claimer_is_gone(job.claimed_by):
                 continue
-            study = session.get(Study, job.study_id)
-            job.state = check_transition(job.state, JobState.PENDING)
-            job.claimed_by = None
-            job.claimed_at = None
-            job.lease_expires_at = None
-            if study is not None and study.state == StudyState.SCORING:
-                study.state = check_transition(study.state, StudyState.QUEUED)
+            if job.id in keep:
+                continue
+            _unclaim(session, job)
             requeued += 1
             log.info("job %d (version %d) requeued after an interrupted run", job.id, job.version)
         session.commit()
     return requeued
+
+
+def release_claims(sessions: sessionmaker[Session], worker: str, job_ids: Collection[int]) -> int:
+    """Give back jobs ``worker`` claimed but will not score (claimed ahead of a round, then the
+    worker stopped): pending again at once, uncharged, like a claim whose claimer died. Jobs it
+    no longer holds are left alone; returns how many were given back."""
+    if not job_ids:
+        return 0
+    with sessions() as session:
+        jobs = [job for job in claimed_jobs(session, worker) if job.id in job_ids]
+        for job in jobs:
+            _unclaim(session, job)
+        session.commit()
+    if jobs:
+        log.info("gave back %d claimed job(s) unscored: %s", len(jobs), ", ".join(str(j.id) for j in jobs))
+    return len(jobs)
+
+
+def _unclaim(session: Session, job: Job) -> None:
+    """The claimed ``job`` back to ``pending`` (its study back to ``queued`` if it was scoring)."""
+    study = session.get(Study, job.study_id)
+    job.state = check_transition(job.state, JobState.PENDING)
+    job.claimed_by = None
+    job.claimed_at = None
+    job.lease_expires_at = None
+    if study is not None and study.state == StudyState.SCORING:
+        study.state = check_transition(study.state, StudyState.QUEUED)

@@ -11,40 +11,34 @@ A claim is a conditional UPDATE (``pending`` -> ``claimed``) whose row count say
 never score the same job. Finishing is conditional on still holding the claim.
 
 All pixel work happens in the pixel pool's child processes: decoding and preprocessing before the
-backend pass, rendering and encoding the CAM captures and the report after it. An image that
-cannot be decoded, or whose child dies, fails alone: it is audited (``image.failed``), the study
-is scored from its other images and its report is PARTIAL and names it. Failures of the job as a
-whole are retried by their kind (:mod:`node.queue.retry`).
+backend pass (:mod:`node.queue.preparation`), rendering and encoding the CAM captures and the
+report after it. While one round is scored, the next is claimed and decoded in a thread
+(:mod:`node.queue.prefetch`), so the pool does not wait for the backend, the writing and the
+commits. An image that cannot be decoded, or whose child dies, fails alone: it is audited
+(``image.failed``), the study is scored from its other images and its report is PARTIAL and names
+it. Failures of the job as a whole are retried by their kind (:mod:`node.queue.retry`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import functools
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from inference import (
-    ImageFailure,
-    ImageMeta,
     ImageScore,
-    InputError,
     Pipeline,
     PixelPool,
-    PreparedImage,
     StudyOutputs,
     StudyScore,
     aggregate_studies,
     describe,
     release_memory,
-    scrub,
     shared_pool,
     where,
 )
@@ -55,51 +49,20 @@ from node.config import NodeConfig
 from node.db.models import Breast, Instance, Job, Score, Study, utcnow
 from node.db.states import JobState, StudyState, check_transition, move
 from node.dicom.intake import side_code
-from node.dicom.spool import read_and_prepare, read_spooled
 from node.observability import metrics
-from node.queue.claims import claim_job, is_claimable, renew_leases, requeue_stale_claims, worker_name
+from node.queue.claims import is_claimable, renew_leases, requeue_stale_claims, worker_name
+from node.queue.prefetch import Round, Rounds
+from node.queue.preparation import ACTOR, Preparer, Work
 from node.queue.results import add_output, score_rows, write_outputs
 from node.queue.retry import MAX_ATTEMPTS, failure_delay, is_transient, transient_delay
 
 log = logging.getLogger(__name__)
 
-ACTOR = "worker"
 MAX_ERROR_CHARS = 2000
 COMPLETE = move(JobState.CLAIMED, JobState.DONE)
 POOL_IDLE_SECONDS = 15.0
 """With no job for this long the pixel pool's children are stopped (idle memory back to the node
 process alone); the next job starts them again, which costs about a second."""
-UNREADABLE = "unreadable at scoring"
-"""Prefix of ``Instance.skip_reason`` for an image the worker could not decode: later versions of
-the study still name it in their report."""
-
-
-def _image_fault(result: object) -> bool:
-    """An outcome of preparing one image that is that image's fault: unusable or undecodable
-    (:class:`InputError`, which includes a decoder child that died), too big to decode, or its
-    spool file unreadable. Anything else (a full disk, a bug) is the job's."""
-    if isinstance(result, (InputError, MemoryError)):
-        return True
-    return isinstance(result, OSError) and not is_transient(result)
-
-
-@dataclass
-class _Work:
-    """One claimed job and its decoded inputs."""
-
-    job_id: int
-    version: int
-    lateralities: str
-    study_id: int
-    study_uid: str
-    patient_id: str
-    instance_ids: list[int] = field(default_factory=list)
-    images: list[PreparedImage] = field(default_factory=list)
-    failures: list[ImageFailure] = field(default_factory=list)
-    """The study's images that could not be analysed (this run's and earlier versions')."""
-    scores: list[ImageScore] | None = None
-    """Already scored with the images (DALI prepares and infers in one step); None otherwise."""
-    started: float = field(default_factory=time.monotonic)  # claimed at (for the latency metric)
 
 
 class Worker:
@@ -108,7 +71,8 @@ class Worker:
     ``pipeline_factory`` builds a pipeline for a model folder; the default loads ``config.backend``.
     The model folder is chosen by :func:`node.admin.registry.select_model_dir` before every round, so
     a promotion takes effect for the next job without a restart. ``decode_pool`` decodes a job's
-    images in parallel (default: the process-wide pool of one worker process per CPU).
+    images in parallel (default: the process-wide pool of one worker process per CPU). A worker
+    holds the claims of the round after the one it scores: :meth:`close` gives them back.
     """
 
     def __init__(
@@ -128,6 +92,8 @@ class Worker:
         self._pipeline: Pipeline | None = None
         self._model_dir: Path | None = None
         self._model_id: int | None = None
+        preparer = Preparer(config, sessions, self._pool)
+        self._rounds = Rounds(sessions, self.name, config.lease_seconds, preparer, self._fail)
 
     @property
     def pipeline(self) -> Pipeline | None:
@@ -158,39 +124,64 @@ class Worker:
         return renew_leases(self.sessions, self.name, self.config.lease_seconds)
 
     def run_once(self) -> int:
-        """Claim jobs until a batch is full, score them together, commit each; returns jobs handled.
+        """Score one round (jobs claimed until a batch is full) together, commit each job; returns
+        the jobs handled.
 
-        A job this worker still holds from an earlier round is one it could not release (the
+        The round is the one claimed and decoded during the previous call, if any; while it is
+        scored, the next one is claimed and decoded in a thread (:mod:`node.queue.prefetch`), and
+        this call returns once that is done, so no thread outlives it. A job this worker still
+        holds from an earlier round, other than those held ahead, is one it could not release (the
         database was gone when it failed): it goes back to the queue first, uncharged.
         """
-        requeue_stale_claims(self.sessions, worker=self.name)
-        with self.sessions() as session:
-            if session.scalar(select(Job.id).where(is_claimable(utcnow())).limit(1)) is None:
-                self._pool.close_if_idle(POOL_IDLE_SECONDS)
-                return 0
-        pipeline = self.load()
+        if self._rounds.stopping:
+            return 0
+        requeue_stale_claims(self.sessions, worker=self.name, keep=self._rounds.held)
+        if not self._rounds.held and not self._claimable():
+            self._pool.close_if_idle(POOL_IDLE_SECONDS)
+            return 0
+        try:
+            pipeline = self.load()
+        except BaseException:
+            self._rounds.release_held()  # claimed ahead, but not to be scored by this worker soon
+            raise
         started = time.monotonic()
-        works: list[_Work] = []
-        claimed = n_images = 0
-        while n_images < pipeline.batch_size:
-            job_id = claim_job(self.sessions, self.name, self.config.lease_seconds)
-            if job_id is None:
-                break
-            claimed += 1
-            try:
-                work = self._prepare(job_id, pipeline)
-            except Exception as exc:  # noqa: BLE001 - recorded on the job; the node keeps serving
-                self._fail(job_id, exc)
-                continue
-            works.append(work)
-            n_images += len(work.images)
-        for work in works:
+        round_ = self._rounds.next(pipeline)
+        if round_.claimed:
+            self._rounds.start_ahead(pipeline)
+        try:
+            self._score(round_, pipeline)
+        finally:
+            self._rounds.wait_ahead()
+        # wall time from round to round: the next round's decoding, under way meanwhile, included
+        metrics.record_scoring_round(round_.n_images, time.monotonic() - started)
+        claimed = round_.claimed
+        del round_
+        release_memory()  # a burst of mammograms must not leave the node's heap at its peak
+        return claimed
+
+    @property
+    def stopping(self) -> bool:
+        """:meth:`close` was called: this worker claims nothing more."""
+        return self._rounds.stopping
+
+    def close(self) -> None:
+        """Stop claiming, and give back the jobs claimed ahead of a round (pending, uncharged); a
+        round being scored still finishes. Called by :meth:`node.service.Node.stop`."""
+        self._rounds.close()
+
+    def _claimable(self) -> bool:
+        with self.sessions() as session:
+            return session.scalar(select(Job.id).where(is_claimable(utcnow())).limit(1)) is not None
+
+    def _score(self, round_: Round, pipeline: Pipeline) -> None:
+        """Infer the round's images together, then aggregate, render, write and commit each job."""
+        for work in round_.works:
             if not work.images:
                 try:
                     self._finish_empty(work)
                 except Exception as exc:  # noqa: BLE001 - recorded on the job; the node keeps serving
                     self._fail(work.job_id, exc)
-        for work, scores in self._infer(pipeline, [w for w in works if w.images]):
+        for work, scores in self._infer(pipeline, [w for w in round_.works if w.images]):
             if isinstance(scores, Exception):
                 self._fail(work.job_id, scores)
                 continue
@@ -198,127 +189,14 @@ class Worker:
                 self._finish(work, scores, pipeline)
             except Exception as exc:  # noqa: BLE001 - recorded on the job; the node keeps serving
                 self._fail(work.job_id, exc)
-        metrics.record_scoring_round(n_images, time.monotonic() - started)
-        del works
-        release_memory()  # a burst of mammograms must not leave the node's heap at its peak
-        return claimed
 
     # ---------------------------------------------------------------------------------------
     # Steps
     # ---------------------------------------------------------------------------------------
 
-    def _prepare(self, job_id: int, pipeline: Pipeline) -> _Work:
-        """Decode every scorable image of the job's study; unusable ones are skipped and audited."""
-        with self.sessions() as session:
-            job = session.get(Job, job_id)
-            if job is None:
-                raise LookupError(f"job {job_id} vanished")
-            study = session.get(Study, job.study_id)
-            if study is None:
-                raise LookupError(f"study of job {job_id} vanished")
-            work = _Work(job.id, job.version, job.lateralities, study.id, study.study_uid, study.patient_id)
-            instances = list(
-                session.scalars(
-                    select(Instance)
-                    .where(Instance.study_id == study.id, Instance.scorable.is_(True))
-                    .order_by(Instance.id)
-                )
-            )
-            sources = [(self.config.spool_dir / i.spool_path, i.sop_instance_uid) for i in instances]
-            work.failures = self._earlier_failures(session, study)
-            if pipeline.dali is not None:
-                self._prepare_with_dali(session, study, work, instances, sources, pipeline)
-            else:
-                # Decoded in the pool's workers, several images at once (inference.batching).
-                task = functools.partial(
-                    read_and_prepare, study_uid=study.study_uid, config=pipeline.manifest.preprocess
-                )
-                for instance, (_, result) in zip(instances, self._pool.imap(task, sources), strict=True):
-                    if _image_fault(result):  # untrusted file: this image fails alone
-                        assert isinstance(result, Exception)
-                        self._skip_instance(session, study, work, instance, result)
-                    elif isinstance(result, Exception):
-                        raise result  # not the file's fault (disk, memory...): the job's failure
-                    else:
-                        work.images.append(result)
-                        work.instance_ids.append(instance.id)
-            session.commit()
-        return work
-
-    def _prepare_with_dali(
-        self,
-        session: Session,
-        study: Study,
-        work: _Work,
-        instances: list[Instance],
-        sources: list[tuple[Path, str]],
-        pipeline: Pipeline,
-    ) -> None:
-        """DALI decodes and preprocesses on its device and the batch goes straight to the backend,
-        so the job's images are prepared and scored together; files DALI does not take fall back
-        to the CPU path inside :meth:`Pipeline.prepare_and_infer`."""
-        readable: list[tuple[Instance, tuple[Dataset, ImageMeta]]] = []
-        for instance, source in zip(instances, sources, strict=True):
-            try:
-                readable.append((instance, read_spooled(source, study.study_uid)))
-            except InputError as exc:
-                self._skip_instance(session, study, work, instance, exc)
-        result = pipeline.prepare_and_infer([item for _, item in readable])
-        failed = dict(result.failures)
-        for index, why in failed.items():
-            self._skip_instance(session, study, work, readable[index][0], why)
-        kept = [instance for i, (instance, _) in enumerate(readable) if i not in failed]
-        work.images = list(result.prepared)
-        work.instance_ids = [instance.id for instance in kept]
-        work.scores = list(result.scores)
-
-    def _skip_instance(
-        self, session: Session, study: Study, work: _Work, instance: Instance, error: Exception
-    ) -> None:
-        """One image cannot be analysed: record it (row, audit, log) and name it in the report."""
-        why = scrub(str(error) or type(error).__name__, [study.patient_id])
-        instance.scorable = False
-        instance.skip_reason = f"{UNREADABLE}: {why}"[:255]
-        work.failures.append(
-            ImageFailure(
-                instance.sop_instance_uid, instance.sop_class_uid, instance.laterality, instance.view, why
-            )
-        )
-        audit.record(
-            session,
-            audit.IMAGE_FAILED,
-            ACTOR,
-            patient_id=study.patient_id,
-            study_uid=study.study_uid,
-            sop_instance_uid=instance.sop_instance_uid,
-            details={"stage": "decode", "reason": why, "job_id": work.job_id},
-        )
-        log.warning("instance %s not analysed: %s", instance.sop_instance_uid, why)
-
-    @staticmethod
-    def _earlier_failures(session: Session, study: Study) -> list[ImageFailure]:
-        """Images of the study that an earlier version could not decode: still not analysed."""
-        rows = session.scalars(
-            select(Instance).where(
-                Instance.study_id == study.id,
-                Instance.scorable.is_(False),
-                Instance.skip_reason.startswith(UNREADABLE),
-            )
-        )
-        return [
-            ImageFailure(
-                i.sop_instance_uid,
-                i.sop_class_uid,
-                i.laterality,
-                i.view,
-                (i.skip_reason or "").removeprefix(UNREADABLE).lstrip(": "),
-            )
-            for i in rows
-        ]
-
     def _infer(
-        self, pipeline: Pipeline, works: list[_Work]
-    ) -> list[tuple[_Work, list[ImageScore] | Exception]]:
+        self, pipeline: Pipeline, works: list[Work]
+    ) -> list[tuple[Work, list[ImageScore] | Exception]]:
         """Score the union of the jobs' images in shared batches; if that fails, each job alone,
         so the error lands on the job that caused it."""
         done = [(work, work.scores) for work in works if work.scores is not None]
@@ -333,13 +211,13 @@ class Worker:
                 "batched inference of %d jobs failed (%s); scoring them one by one", len(works), describe(exc)
             )
         else:
-            out: list[tuple[_Work, list[ImageScore] | Exception]] = list(done)
+            out: list[tuple[Work, list[ImageScore] | Exception]] = list(done)
             start = 0
             for work in works:
                 out.append((work, scores[start : start + len(work.images)]))
                 start += len(work.images)
             return out
-        results: list[tuple[_Work, list[ImageScore] | Exception]] = list(done)
+        results: list[tuple[Work, list[ImageScore] | Exception]] = list(done)
         for work in works:
             try:
                 results.append((work, pipeline.infer(work.images)))
@@ -347,7 +225,7 @@ class Worker:
                 results.append((work, exc))
         return results
 
-    def _aggregate(self, work: _Work, scores: list[ImageScore], pipeline: Pipeline) -> StudyScore:
+    def _aggregate(self, work: Work, scores: list[ImageScore], pipeline: Pipeline) -> StudyScore:
         # One study per job: files of a study that disagree on PatientID are still one exam.
         same_patient = [
             dataclasses.replace(s, meta=dataclasses.replace(s.meta, patient_id=work.patient_id))
@@ -356,7 +234,7 @@ class Worker:
         (study,) = aggregate_studies(same_patient, pipeline.aggregation, pipeline.manifest.threshold)
         return study
 
-    def _finish(self, work: _Work, scores: list[ImageScore], pipeline: Pipeline) -> None:
+    def _finish(self, work: Work, scores: list[ImageScore], pipeline: Pipeline) -> None:
         """Render the job's SCs and SR in the pool, write them, then commit scores, outputs,
         transmissions and states."""
         study_score = self._aggregate(work, scores, pipeline)
@@ -436,7 +314,7 @@ class Worker:
             state,
         )
 
-    def _audit_capture_failures(self, session: Session, work: _Work, result: StudyOutputs) -> None:
+    def _audit_capture_failures(self, session: Session, work: Work, result: StudyOutputs) -> None:
         for failure in result.capture_failures:
             audit.record(
                 session,
@@ -449,7 +327,7 @@ class Worker:
             )
             log.warning("no CAM capture for instance %s: %s", failure.sop_instance_uid, failure.reason)
 
-    def _finish_empty(self, work: _Work) -> None:
+    def _finish_empty(self, work: Work) -> None:
         """No image of the study could be scored: the job is done, without outputs."""
         with self.sessions() as session:
             if not self._complete_job(session, work):
@@ -468,7 +346,7 @@ class Worker:
             "study %s version %d: no scorable image left (study %s)", work.study_uid, work.version, state
         )
 
-    def _complete_job(self, session: Session, work: _Work) -> bool:
+    def _complete_job(self, session: Session, work: Work) -> bool:
         """Mark the job done if this worker still holds its claim (False: leave it alone)."""
         done = session.execute(
             update(Job)
@@ -484,7 +362,7 @@ class Worker:
             return False
         return True
 
-    def _update_study(self, session: Session, work: _Work, state: StudyState) -> str:
+    def _update_study(self, session: Session, work: Work, state: StudyState) -> str:
         """Clear the re-scored breasts and set the study's state; returns the state it ends in.
 
         A breast with a scorable instance this run did not see (it arrived while scoring) stays

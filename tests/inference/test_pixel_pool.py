@@ -9,6 +9,8 @@ on every odd-sized capture).
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,3 +98,32 @@ def test_a_capture_whose_child_dies_is_left_out_and_the_report_says_so(
     # Every image was analysed and all four views are in: the report itself is complete.
     assert result.complete and report.CompletionFlag == "COMPLETE"
     assert np.isfinite(score.exam_probability)
+
+
+def slow_square_or_abort(n: int) -> int:
+    time.sleep(0.2)
+    return square_or_abort(n)
+
+
+def test_a_child_death_is_blamed_on_its_item_when_threads_share_the_pool() -> None:
+    """The node's worker decodes the next round in one thread while another renders the current
+    one's captures in the same pool: a child that dies on one thread's item fails that item only,
+    not one of the other thread's that was run again beside it."""
+    out: dict[str, dict[int, int | Exception]] = {}
+
+    def run(name: str, items: list[int]) -> None:
+        out[name] = dict(pool.imap(slow_square_or_abort, items))
+
+    with PixelPool("process", workers=2, ahead=4) as pool:
+        pool.warm()
+        threads = [
+            threading.Thread(target=run, args=("hostile", [1, ABORT_ON, 5])),
+            threading.Thread(target=run, args=("innocent", [10, 11, 12, 13])),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    assert isinstance(out["hostile"][ABORT_ON], InputError)
+    assert (out["hostile"][1], out["hostile"][5]) == (1, 25)
+    assert out["innocent"] == {n: n * n for n in (10, 11, 12, 13)}
