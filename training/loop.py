@@ -128,7 +128,7 @@ def _run(
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         model = DistributedDataParallel(module, device_ids=device_ids)
 
-    criterion, mask_source, distractor_source = _criterion(config, train_set, ctx)
+    criterion, *masks = _criterion(config, train_set, ctx)
     sampler, loader = _loader(config, train_set, ctx)
     if ctx.is_main:
         _log_start(config, train_set, val_set, len(sampler), ctx)
@@ -144,17 +144,7 @@ def _run(
         sampler.set_epoch(epoch)
         lr = float(optimizer.param_groups[0]["lr"])
         train_loss = train_epoch(
-            model,
-            loader,
-            optimizer,
-            scaler,
-            criterion,
-            config,
-            ctx,
-            epoch,
-            show,
-            mask_source,
-            distractor_source,
+            model, loader, optimizer, scaler, criterion, config, ctx, epoch, show, *masks
         )
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training diverged: mean loss {train_loss} in epoch {epoch}")

@@ -112,11 +112,7 @@ def train_command(
         typer.Option(help="Weight of the lesion-mask guidance of the CAM peak (0 = image labels only)."),
     ] = 0.0,
     cam_distractor_weight: Annotated[
-        float,
-        typer.Option(
-            help="Weight of the term keeping the CAM peak off the phantoms' distractors (skin markers, "
-            "clips, vessels...: distractor_masks/ of `mammonode synth`); 0 = off."
-        ),
+        float, typer.Option(help="Weight of the term keeping the CAM peak off synth's distractor masks.")
     ] = 0.0,
     amp: Annotated[bool, typer.Option(help="Automatic mixed precision.")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
