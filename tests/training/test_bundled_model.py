@@ -41,6 +41,13 @@ def test_bundled_model_meets_its_targets_on_the_recorded_test_set() -> None:
     card = (model_dir / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert f"pointing game {test['cam']['pointing_game']:.3f}" in card
     assert f"| breast (`pagg`) | {test['breast']['roc_auc']:.4f}" in card
+    # issue 13: the test set has distractors, and the model is not drawn to them
+    peaks = test["distractors"]["cam_peak_on_distractor"]["cancer_free_images"]["any"]
+    assert peaks["images_with"] > 100 and peaks["rate"] < 0.05
+    assert f"CAM peak on a distractor in {peaks['rate']:.1%} of the {peaks['n_images']}" in card
+    marker = test["distractors"]["false_positive_rate"]["cancer_free_breasts"]["marker"]
+    assert marker["with"]["n"] > 30 and marker["without"]["n"] > 30
+    assert marker["with"]["rate"] <= 1.5 * marker["without"]["rate"]
 
 
 def test_bundled_onnx_graph_ships_and_agrees_with_the_weights() -> None:
