@@ -302,13 +302,14 @@ class Pipeline:
             study, sources, not_analysed, missing, (), marks, expected, result_version
         )
         cad_task = self._cad_task(study, sources, marks, not_analysed, missing, result_version)
-        jobs: list[RenderJob] = [*((render_capture, t) for t in tasks), (render_report, report_task)]
+        # The report first: it is the longest task, and the captures fill the other cores meanwhile.
+        jobs: list[RenderJob] = [(render_report, report_task), *((render_capture, t) for t in tasks)]
         jobs.append((render_cad_report, cad_task))
-        outcomes = [outcome for _, outcome in pool.imap(run_render_job, jobs)]
+        report, *outcomes, cad = [outcome for _, outcome in pool.imap(run_render_job, jobs)]
         captures: list[EncodedObject | None] = []
         pictures: list[np.ndarray | None] = []
         capture_failures: list[ImageFailure] = []
-        for task, outcome in zip(tasks, outcomes, strict=False):
+        for task, outcome in zip(tasks, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 capture_failures.append(image_failure(task.score.meta, outcome))
                 captures.append(None)
@@ -317,7 +318,6 @@ class Pipeline:
                 assert isinstance(outcome, Capture)
                 captures.append(outcome.encoded)
                 pictures.append(outcome.picture)
-        report, cad = outcomes[len(tasks)], outcomes[len(tasks) + 1]
         if capture_failures or capture_references(tasks, captures) != expected:
             report_task = replace(
                 report_task,
