@@ -12,18 +12,25 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from node.commands._args import parse_size
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from node.tools.bench import BenchInputs, ExportOnnx
 
 log = logging.getLogger(__name__)
 
 QUICK_SIZE = (384, 288)
+IngestRounds = Annotated[int, typer.Option(min=0, help="Ingest rounds against storescp (0: none).")]
+Burst = Annotated[
+    int | None, typer.Option(min=0, help="Studies through serve to Orthanc (default 20, quick 0).")
+]
+BurstSize = Annotated[str | None, typer.Option(help="Rows x columns of the burst's images (default --size).")]
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -36,12 +43,12 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
-def synthesise_inputs(workdir: Path, size: tuple[int, int]) -> BenchInputs:
-    """One phantom in every transfer syntax, and a 4-view JPEG 2000 study (training extra)."""
+def synthesise_study(workdir: Path, size: tuple[int, int]) -> tuple[list[Path], np.ndarray]:
+    """A 4-view JPEG 2000 screening study of phantoms in ``workdir/study``, and the first view's
+    pixels (training extra)."""
     import numpy as np
 
     from inference import SCREENING_SIDE_VIEWS, derive_uid
-    from node.tools.bench import SYNTAXES, BenchInputs
     from training.synth import make_dicom, synth_breast, write_dicom
 
     study_uid = derive_uid("mammonode-bench", f"{size[0]}x{size[1]}")
@@ -65,6 +72,17 @@ def synthesise_inputs(workdir: Path, size: tuple[int, int]) -> BenchInputs:
         write_dicom(ds, path)
         study.append(path)
     assert first is not None
+    return study, first
+
+
+def synthesise_inputs(workdir: Path, size: tuple[int, int]) -> BenchInputs:
+    """One phantom in every transfer syntax, and a 4-view JPEG 2000 study (training extra)."""
+    from inference import derive_uid
+    from node.tools.bench import SYNTAXES, BenchInputs
+    from training.synth import make_dicom, write_dicom
+
+    study, first = synthesise_study(workdir, size)
+    study_uid = derive_uid("mammonode-bench", f"{size[0]}x{size[1]}")
     syntaxes: dict[str, Path] = {}
     for name in SYNTAXES:
         path = workdir / "syntaxes" / f"{name}.dcm"
@@ -126,6 +144,9 @@ def bench_command(
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Also write the report as JSON here.")
     ] = None,
+    ingest_rounds: IngestRounds = 5,
+    burst: Burst = None,
+    burst_size: BurstSize = None,
 ) -> None:
     """Measure decode, preprocessing, inference per backend and a 4-view study end to end on this machine."""
     from inference import POOL_KINDS
@@ -164,11 +185,54 @@ def bench_command(
                 "training extra not installed: a model without ONNX cannot be exported for onnxruntime"
             )
         report = run_bench(inputs, settings, export_onnx=export)
+        _network_sections(report, inputs, Path(tmp), model, export, (quick, ingest_rounds, burst, burst_size))
     typer.echo(format_report(report))
     if json_file is not None:
         json_file.parent.mkdir(parents=True, exist_ok=True)
         json_file.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         typer.echo(f"wrote {json_file}")
+
+
+def _network_sections(
+    report: dict[str, Any],
+    inputs: BenchInputs,
+    work: Path,
+    model: Path | None,
+    export: ExportOnnx | None,
+    options: tuple[bool, int, int | None, str | None],
+) -> None:
+    """Add the ingest section (rounds against dcmtk's storescp) and the burst (studies through
+    `mammonode serve` to Orthanc) to ``report``; ``options`` are ``--quick``, ``--ingest-rounds``,
+    ``--burst`` and ``--burst-size``. The burst's study is the bench's, or one synthesised at
+    ``--burst-size`` when that differs from the bench's synthetic images."""
+    from inference import resolve_model_dir
+    from node.tools.bench import ensure_onnx
+    from node.tools.bench_burst import BurstSettings, run_burst
+    from node.tools.bench_ingest import IngestSettings, add_ingest, run_ingest
+
+    quick, rounds, studies, burst_size = options
+    rounds, studies = (
+        (min(rounds, 1), studies or 0) if quick else (rounds, 20 if studies is None else studies)
+    )
+    size = parse_size(burst_size) if burst_size else None
+    if rounds:
+        add_ingest(report, run_ingest(inputs.study, work / "ingest", IngestSettings(rounds=rounds)))
+    if studies:
+        study = inputs.study
+        if size is not None and (
+            inputs.origin != "synthetic" or list(size) != report["settings"]["image_size"]
+        ):
+            try:
+                study, _ = synthesise_study(work / "burst-study", size)
+            except ImportError as exc:
+                report["burst"] = {
+                    "unavailable": f"--burst-size needs the training extra ({exc.name} missing)"
+                }
+                return
+        model_dir, missing = ensure_onnx(resolve_model_dir(model), work / "burst-model", export)
+        if missing:
+            log.warning("burst: %s; the node scores with torch", missing)
+        report["burst"] = run_burst(study, model_dir, work / "burst", BurstSettings(studies=studies))
 
 
 def register(app: typer.Typer) -> None:

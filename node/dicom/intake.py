@@ -17,7 +17,6 @@ Everything here raises named errors the SCP maps to DIMSE statuses; nothing deco
 from __future__ import annotations
 
 import datetime as dt
-import io
 import logging
 import re
 import struct
@@ -46,6 +45,7 @@ from node import audit
 from node.db.models import Breast, Instance, Study, utcnow
 from node.db.states import StudyState, check_transition
 from node.dicom import codestream
+from node.dicom.received import Received, locate, reader
 from node.dicom.spool import InvalidUIDError
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class Registration:
 
 
 def examine(
-    data: bytes,
+    data: Received,
     *,
     transfer_syntax: str,
     context_sop_class: str,
@@ -201,14 +201,15 @@ def examine(
     return receipt
 
 
-def parse_encoded(data: bytes) -> Dataset:
+def parse_encoded(data: Received) -> Dataset:
     """Parse a received DICOM Part 10 stream, leaving large values (pixel data) unread.
 
-    The returned dataset keeps its buffer, so a deferred element can still be read on purpose;
-    :func:`read_header` gives the part before the pixel data that the node looks at.
+    The returned dataset keeps its buffer (or its file's name), so a deferred element can still
+    be read on purpose; :func:`read_header` gives the part before the pixel data that the node
+    looks at.
     """
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), defer_size=HEADER_DEFER_BYTES)
+        ds = pydicom.dcmread(reader(data), defer_size=HEADER_DEFER_BYTES)
     except Exception as exc:  # pydicom raises many types on hostile bytes; all mean unparsable
         _refuse_cut_pixel_data(data)
         raise InputError(f"cannot parse the received dataset: {scrub(str(exc), limit=200)}") from exc
@@ -218,7 +219,7 @@ def parse_encoded(data: bytes) -> Dataset:
     return ds
 
 
-def _refuse_cut_pixel_data(data: bytes) -> None:
+def _refuse_cut_pixel_data(data: Received) -> None:
     """PixelDataError when the header parses and only what follows does not.
 
     pydicom gives up on the whole dataset when encapsulated pixel data ends before its
@@ -226,7 +227,7 @@ def _refuse_cut_pixel_data(data: bytes) -> None:
     apart from bytes that are not a dataset at all.
     """
     try:
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        header = pydicom.dcmread(reader(data), stop_before_pixels=True)
     except Exception:  # noqa: BLE001 - the header is unparsable too: the caller's error stands
         return
     if len(header):
@@ -264,7 +265,7 @@ class Header:
     """Tags of elements that could not be converted and that the node does not need."""
 
 
-def read_header(ds: Dataset, data: bytes) -> Header:
+def read_header(ds: Dataset, data: Received) -> Header:
     """The elements before Pixel Data, converted now, so nothing fails later when read lazily.
 
     Every element's value must lie inside the received bytes. The Image Pixel attributes the
@@ -311,7 +312,7 @@ def _converted(ds: Dataset, tag: BaseTag) -> DataElement:
     return elem
 
 
-def _check_inside(elem: RawDataElement, data: bytes) -> None:
+def _check_inside(elem: RawDataElement, data: Received) -> None:
     """A defined-length value must lie inside the received bytes (the declared length alone
     proves nothing: pydicom seeks past a deferred value without reading it)."""
     if elem.length == UNDEFINED_LENGTH:
@@ -336,7 +337,7 @@ def _tag_name(tag: BaseTag) -> str:
     return f"{keyword} {tag}" if keyword else str(tag)
 
 
-def header_of(ds: Dataset, data: bytes) -> Dataset:
+def header_of(ds: Dataset, data: Received) -> Dataset:
     """:func:`read_header`'s dataset alone (the elements the node reads)."""
     return read_header(ds, data).dataset
 
@@ -372,7 +373,7 @@ def check_sop_class(uids: InstanceUIDs, context_sop_class: str) -> None:
 
 
 def check_pixel_data(
-    ds: Dataset, header: Dataset, data: bytes, transfer_syntax: str, *, max_pixels: int
+    ds: Dataset, header: Dataset, data: Received, transfer_syntax: str, *, max_pixels: int
 ) -> None:
     """The image is usable, checked cheaply from the bytes received, without decoding.
 
@@ -397,7 +398,7 @@ def check_pixel_data(
     if elem is None:
         raise PixelDataError("no pixel data (7FE0,0010)")
     if isinstance(elem, RawDataElement):
-        buffer, start, length = data, elem.value_tell, elem.length
+        (buffer, start), length = locate(data, elem.value_tell), elem.length
     else:  # converted by someone: its value is all there is
         buffer = elem.value if isinstance(elem.value, bytes) else b""
         start, length = 0, UNDEFINED_LENGTH if elem.is_undefined_length else len(buffer)

@@ -6,9 +6,11 @@ class too when ``unknown_sop_classes = "ignore"`` (answered Success, not stored,
 ``instance.ignored``), none of them when ``"reject"`` (pynetdicom refuses those presentation
 contexts during negotiation, so the SCU never sends them).
 
-The C-STORE handler is fast: it parses the header of the bytes as received (pixel data left
-unread), checks UIDs, SOP class and pixel-data plausibility, writes the bytes as received into
-the spool (fsync'd), records the instance and commits, and only then answers Success. Every
+The C-STORE handler is fast: pynetdicom writes the dataset to a file as it arrives; the handler
+parses its header (pixel data left unread), checks UIDs, SOP class and pixel-data plausibility,
+moves the file as received into the spool (fsync'd) while it records the instance, commits once
+the file is durable, and only then answers Success. The node never copies an image in memory
+(:mod:`node.dicom.received`). Every
 failure is a named status (:mod:`node.dicom.status`) plus an ``instance.rejected`` audit entry
 when the database works; an unexpected exception is logged and answered PROCESSING_FAILURE, and
 the server keeps serving.
@@ -38,6 +40,8 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable
+from concurrent.futures import Future, wait
+from pathlib import PurePosixPath
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -62,7 +66,9 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association as PynetAssociation
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # defined at import
 from pynetdicom.transport import ThreadedAssociationServer
@@ -82,7 +88,15 @@ from node.config import NodeConfig
 from node.db.models import Association, utcnow
 from node.dicom import codestream, intake, tls
 from node.dicom.allowlist import AllowList
-from node.dicom.spool import InvalidUIDError, SpoolFullError, remove_stale_temp_files, write_instance
+from node.dicom.contexts import QuickCopyContexts
+from node.dicom.received import Part10, ReceivedFile, discard_unfinished
+from node.dicom.spool import (
+    InvalidUIDError,
+    SpoolFullError,
+    remove_stale_temp_files,
+    spool_relpath,
+    write_in_background,
+)
 from node.dicom.status import DimseStatus, RejectReason, RejectResult, RejectSource
 from node.observability import metrics
 
@@ -229,6 +243,8 @@ class NodeSCP:
         self._record_association(event.assoc, accepted=False, reason=reason)
 
     def on_conn_close(self, event: Event) -> None:
+        if discard_unfinished(event.assoc):
+            log.info("discarded a dataset cut off when its association ended")
         with self._lock:
             row_id = self._rows.pop(event.assoc, None)
         if row_id is None:
@@ -328,19 +344,26 @@ class NodeSCP:
     def _store(self, event: Event, context_class: str, started: float, receipt: intake.Receipt) -> int:
         transfer_syntax = str(event.context.transfer_syntax)
         try:
-            data = _received_bytes(event)
-            intake.examine(
-                data,
-                transfer_syntax=transfer_syntax,
-                context_sop_class=context_class,
-                affected_sop_instance=str(getattr(event.request, "AffectedSOPInstanceUID", "") or ""),
-                max_pixels=self.config.max_image_pixels,
-                receipt=receipt,
-            )
+            data = _received(event)
+            try:
+                intake.examine(
+                    data,
+                    transfer_syntax=transfer_syntax,
+                    context_sop_class=context_class,
+                    affected_sop_instance=str(getattr(event.request, "AffectedSOPInstanceUID", "") or ""),
+                    max_pixels=self.config.max_image_pixels,
+                    receipt=receipt,
+                )
+            finally:
+                data.close()  # the checks' view of a received file; the spool takes the file itself
             assert receipt.uids is not None and receipt.info is not None  # examine fills both
             uids, info = receipt.uids, receipt.info
-            rel = write_instance(self.config, uids.study, uids.series, uids.sop_instance, data)
-            registration = self._register(event, info, str(rel), len(data), transfer_syntax)
+            rel = spool_relpath(uids.study, uids.series, uids.sop_instance)
+            writing = write_in_background(self.config, uids.study, uids.series, uids.sop_instance, data)
+            try:
+                registration = self._register(event, info, str(rel), len(data), transfer_syntax, writing)
+            finally:
+                wait([writing])  # never answer while the file is still being written
         except (InvalidUIDError, InputError, SpoolFullError, OperationalError) as exc:
             status = _failure_status(exc)
             reason = describe(exc, receipt.known, limit=300)
@@ -366,8 +389,20 @@ class NodeSCP:
         return DimseStatus.SUCCESS
 
     def _register(
-        self, event: Event, info: intake.InstanceInfo, rel: str, size: int, transfer_syntax: str
+        self,
+        event: Event,
+        info: intake.InstanceInfo,
+        rel: str,
+        size: int,
+        transfer_syntax: str,
+        writing: Future[PurePosixPath],
     ) -> intake.Registration:
+        """Record the instance and commit once ``writing`` (its spool file) is durable.
+
+        The rows are prepared while the file is written and synced in another thread (the
+        handler's two slowest steps overlap), and committed only after the file is on disk, so
+        a committed row always names a durable file; a failed write rolls the rows back.
+        """
         assoc = event.assoc
         for attempt in range(1, REGISTER_ATTEMPTS + 1):
             try:
@@ -382,6 +417,7 @@ class NodeSCP:
                         calling_ae=_calling_ae(assoc),
                         peer=f"{assoc.requestor.address}:{assoc.requestor.port}",
                     )
+                    writing.result()  # SpoolFullError, OSError: the rows are rolled back
                     session.commit()
                     return registration
             except IntegrityError:
@@ -394,8 +430,11 @@ class NodeSCP:
         """Another storage SOP class, accepted by configuration: audit it, store nothing."""
         header: Dataset | None = None
         with contextlib.suppress(InputError):  # unparsable: the audit entry carries no UIDs
-            data = _received_bytes(event)
-            header = intake.header_of(intake.parse_encoded(data), data)
+            data = _received(event)
+            try:
+                header = intake.header_of(intake.parse_encoded(data), data)
+            finally:
+                data.close()
         study_uid = _valid_uid_tag(header, "StudyInstanceUID")
         sop_uid = _valid_uid_tag(header, "SOPInstanceUID")
         try:
@@ -439,14 +478,21 @@ class NodeSCP:
             _log_error("could not audit a refused instance", exc, receipt.known)
 
 
-def _received_bytes(event: Event) -> bytes:
-    """The dataset as received, with a file meta pynetdicom builds from the request.
+def _received(event: Event) -> Part10 | ReceivedFile:
+    """The instance as received (:mod:`node.dicom.received`): the file pynetdicom wrote it to as
+    it arrived (``start_scp`` asks for that), else the dataset in memory behind a file meta
+    pynetdicom builds from the request, the bytes ``event.encoded_dataset()`` would give
+    without copying the dataset to join them.
 
     The meta carries the peer's Affected SOP Class/Instance UIDs, so building it can fail on a
     hostile request: that is the peer's bytes being unusable (InputError), not a node failure.
     """
     try:
-        return bytes(event.encoded_dataset(include_meta=True))
+        path = event.dataset_path
+        if path is not None:
+            return ReceivedFile.at(path)
+        head = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta)))
+        return Part10(head, bytes(event.encoded_dataset(include_meta=False)))
     except Exception as exc:  # pynetdicom/pydicom raise many types on hostile command values
         raise InputError(f"cannot read the received dataset: {describe(exc, limit=200)}") from exc
 
@@ -505,7 +551,12 @@ def start_scp(config: NodeConfig, sessions: sessionmaker[Session]) -> ThreadedAs
     Speaks DICOM TLS when the config has a certificate and key (:mod:`node.dicom.tls`). Removes
     interrupted spool writes first. Stop it with ``server.shutdown()``. Raises ConfigError for
     unusable TLS files (before the port opens) and OSError when the port cannot be bound.
+
+    Sets pynetdicom's process-wide ``STORE_RECV_CHUNKED_DATASET``: every C-STORE SCP in this
+    process receives datasets into temporary files (``event.dataset`` reads them as before), and
+    the node moves its files into the spool instead of holding and copying them in memory.
     """
+    pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
     context = tls.server_context(config)
     config.spool_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(config)
@@ -516,6 +567,7 @@ def start_scp(config: NodeConfig, sessions: sessionmaker[Session]) -> ThreadedAs
         log.warning("no allowed_aes configured: every calling AE may store to this node")
     address = (config.bind_address, config.port)
     server = tls.start_server(ae, address, context, scp.handlers, scp.on_handshake_failure)
+    server.contexts = QuickCopyContexts(server.contexts)
     log.info(
         "DICOM SCP %s listening on %s:%d%s (other storage SOP classes: %s)",
         config.ae_title,

@@ -98,3 +98,15 @@ def test_data_folders_give_one_file_per_transfer_syntax_and_the_largest_study(j2
     inputs = data_inputs(j2k_study[0].parent)
     assert inputs.syntaxes == {"jpeg2000": j2k_study[0]}
     assert sorted(inputs.study) == sorted(j2k_study) and inputs.origin == str(j2k_study[0].parent)
+
+
+@pytest.mark.dcmtk
+def test_a_quick_bench_times_ingest_once_and_sends_no_burst(quick_report: dict[str, Any]) -> None:
+    ingest = quick_report["ingest"]
+    assert ingest["rounds"] == 1 and ingest["files"] == 16  # the 4-view study, 4 copies
+    receivers = ingest["receivers"]
+    assert set(receivers) == {"storescp", "node"}
+    tuned = receivers["storescp"]["median_seconds"] / receivers["node"]["median_seconds"]
+    assert quick_report["ratios"]["ingest_node_vs_storescp"] == pytest.approx(tuned)
+    assert quick_report["targets"]["met"]["ingest_vs_storescp"] == (tuned >= 1.0)
+    assert "burst" not in quick_report  # --burst N asks for one
