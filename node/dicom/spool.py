@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path, PurePosixPath
 
@@ -141,23 +142,18 @@ def atomic_write_bytes(path: Path, data: Received, *, mode: int) -> None:
     if not isinstance(data, Part10):
         atomic_write_one(path, data, mode=mode)
         return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        views = [memoryview(part).cast("B") for part in data.parts if len(part)]
+    parts = data.parts
+
+    def write(fd: int) -> None:
+        views = [memoryview(part).cast("B") for part in parts if len(part)]
         while views:  # writev may write less than asked (signals, > 2 GiB)
             written = os.writev(fd, views)
             while views and written >= len(views[0]):
                 written -= len(views.pop(0))
             if views:
                 views[0] = views[0][written:]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    Path(tmp).replace(path)
+
+    _replace_durably(path, mode, write)
 
 
 def _adopt(source: Path, path: Path, mode: int) -> None:
@@ -176,12 +172,21 @@ def _adopt(source: Path, path: Path, mode: int) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
+
+    def copy(fd: int) -> None:
         with source.open("rb") as src:
             while os.sendfile(fd, src.fileno(), None, 1 << 30):
                 pass
+
+    _replace_durably(path, mode, copy)
+
+
+def _replace_durably(path: Path, mode: int, write: Callable[[int], None]) -> None:
+    """Make ``path`` by ``write`` into a synced temp file in its folder, then a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        write(fd)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
