@@ -27,6 +27,7 @@ def test_initial_model_starts_from_the_named_weights_and_records_them(tmp_path: 
     info = request.provenance()
     assert info == {
         "cam_mask_weight": 0.5,
+        "cam_distractor_weight": 0.0,
         "initialised_from": {
             "name": manifest.name,
             "version": manifest.version,
