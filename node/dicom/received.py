@@ -21,8 +21,20 @@ import contextlib
 import io
 import mmap
 import os
+import tempfile
+import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
+
+from pynetdicom import dimse_messages
+
+INCOMING_PREFIX, INCOMING_SUFFIX = ".", ".tmp"
+"""How a file being received is named: like the spool's other unfinished writes (``.*.tmp``),
+which the node removes at start."""
+
+_incoming: weakref.WeakKeyDictionary[object, Path] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -106,6 +118,33 @@ def discard_unfinished(assoc: object) -> bool:
         handle.close()
         Path(name).unlink(missing_ok=True)
     return True
+
+
+def receive_into(ae: object, folder: Path) -> None:
+    """Have pynetdicom write the datasets that ``ae``'s associations receive into ``folder``.
+
+    pynetdicom opens each file with ``NamedTemporaryFile`` in the process's temporary folder:
+    often a RAM-backed ``/tmp``, on another file system than the spool (so every image would be
+    copied once more to be spooled), and never cleaned of a dataset whose process was killed
+    mid-receive. In a folder inside the spool the file is renamed into place and a leftover is
+    removed with the spool's other interrupted writes at the next start. Per AE, so other AEs in
+    the process (tests, the bench's peers) keep the default.
+    """
+    _incoming[ae] = folder
+    dimse_messages.NamedTemporaryFile = _named_temporary_file  # type: ignore[assignment]
+
+
+def _named_temporary_file(*args: Any, **kwargs: Any) -> IO[bytes]:
+    """pynetdicom's ``NamedTemporaryFile``, in the receiving AE's folder if it has one.
+
+    Called while decoding a PDU, in the association's DUL thread (``thread.assoc``).
+    """
+    thread = threading.current_thread()
+    ae = getattr(getattr(thread, "assoc", thread), "ae", None)
+    folder = _incoming.get(ae) if ae is not None else None
+    if folder is not None:
+        kwargs.update(dir=folder, prefix=INCOMING_PREFIX, suffix=INCOMING_SUFFIX)
+    return tempfile.NamedTemporaryFile(*args, **kwargs)  # pynetdicom closes and removes it
 
 
 Received = bytes | Part10 | ReceivedFile

@@ -89,10 +89,11 @@ from node.db.models import Association, utcnow
 from node.dicom import codestream, intake, tls
 from node.dicom.allowlist import AllowList
 from node.dicom.contexts import QuickCopyContexts
-from node.dicom.received import Part10, ReceivedFile, discard_unfinished
+from node.dicom.received import Part10, ReceivedFile, discard_unfinished, receive_into
 from node.dicom.spool import (
     InvalidUIDError,
     SpoolFullError,
+    incoming_dir,
     remove_stale_temp_files,
     spool_relpath,
     write_in_background,
@@ -554,7 +555,8 @@ def start_scp(config: NodeConfig, sessions: sessionmaker[Session]) -> ThreadedAs
 
     Sets pynetdicom's process-wide ``STORE_RECV_CHUNKED_DATASET``: every C-STORE SCP in this
     process receives datasets into temporary files (``event.dataset`` reads them as before), and
-    the node moves its files into the spool instead of holding and copying them in memory.
+    the node's, in the spool's incoming folder, are renamed into place instead of being held and
+    copied in memory.
     """
     pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
     context = tls.server_context(config)
@@ -563,6 +565,7 @@ def start_scp(config: NodeConfig, sessions: sessionmaker[Session]) -> ThreadedAs
     scrub_library_logs()
     scp = NodeSCP(config, sessions)
     ae = scp.build_ae()
+    receive_into(ae, incoming_dir(config))
     if scp.allow_list.open:
         log.warning("no allowed_aes configured: every calling AE may store to this node")
     address = (config.bind_address, config.port)

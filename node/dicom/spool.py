@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".dcm"
 _TEMP_GLOB = ".*.tmp"  # what atomic_write_bytes leaves behind if the process dies mid-write
+_INCOMING = ".incoming"  # where the SCP receives datasets, its files named like _TEMP_GLOB
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 _FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP})
 
@@ -78,6 +79,14 @@ def spool_relpath(study_uid: str, series_uid: str, sop_uid: str) -> PurePosixPat
 
 def spool_root(config_or_root: NodeConfig | Path) -> Path:
     return config_or_root.spool_dir if isinstance(config_or_root, NodeConfig) else Path(config_or_root)
+
+
+def incoming_dir(config_or_root: NodeConfig | Path) -> Path:
+    """The folder, inside the spool (one file system: files are renamed into place), where the SCP
+    receives datasets (:func:`node.dicom.received.receive_into`); created private."""
+    folder = spool_root(config_or_root) / _INCOMING
+    folder.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    return folder
 
 
 def spool_path(config_or_root: NodeConfig | Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
@@ -231,7 +240,8 @@ def fsync_dir(folder: Path) -> None:
 
 
 def remove_stale_temp_files(config_or_root: NodeConfig | Path) -> int:
-    """Delete temporary files left by writes interrupted by a crash; returns how many.
+    """Delete temporary files left by writes interrupted by a crash, and datasets whose receipt it
+    cut off (:func:`incoming_dir`); returns how many.
 
     Call at start, before the SCP listens: a temp file is never referenced by a row, and a
     running write's temp file must not be removed.

@@ -100,8 +100,11 @@ def test_stale_temp_files_are_removed(tmp_path: Path) -> None:
     spool.write_instance(tmp_path, STUDY, SERIES, SOP, b"kept")
     stale = tmp_path / STUDY / SERIES / f".{SOP}.dcm.abc123.tmp"
     stale.write_bytes(b"half")
-    assert spool.remove_stale_temp_files(tmp_path) == 1
-    assert not stale.exists() and (tmp_path / STUDY / SERIES / f"{SOP}.dcm").exists()
+    cut_off = spool.incoming_dir(tmp_path) / ".tmpk2x9_q.tmp"  # a receipt its process died in
+    cut_off.write_bytes(b"half a dataset")
+    assert spool.remove_stale_temp_files(tmp_path) == 2
+    assert not stale.exists() and not cut_off.exists()
+    assert (tmp_path / STUDY / SERIES / f"{SOP}.dcm").exists()
 
 
 def _encoded(path: Path) -> bytes:

@@ -179,9 +179,10 @@ def test_a_dataset_cut_off_by_a_dropped_connection_leaves_no_file(
     node = node_scp()
     big = mammogram(tmp_path, "big", transfer_syntax="explicit")
     stream = _capture(node.port, big)
-    incoming = tmp_path / "incoming"
-    incoming.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(incoming))  # where pynetdicom receives into
+    incoming = spool.incoming_dir(node.config)  # where the node has pynetdicom receive into
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))  # the process's temporary folder
     request_length = struct.unpack_from(">I", stream, 2)[0] + 6  # the A-ASSOCIATE-RQ PDU
     with socket.create_connection((LOOPBACK, node.port)) as peer:
         peer.sendall(stream[:request_length])
@@ -190,9 +191,10 @@ def test_a_dataset_cut_off_by_a_dropped_connection_leaves_no_file(
         deadline = time.monotonic() + 10
         while not list(incoming.iterdir()) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert len(list(incoming.iterdir())) == 1  # being received into a file
+        assert [p.match(".*.tmp") for p in incoming.iterdir()] == [True]  # being received into a file
+        assert list(elsewhere.iterdir()) == []
     deadline = time.monotonic() + 10
     while list(incoming.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert list(incoming.iterdir()) == []
+    assert list(incoming.iterdir()) == [] and list(elsewhere.iterdir()) == []
     assert len(instances(node.sessions)) == 1  # the captured store only
