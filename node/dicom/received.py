@@ -114,6 +114,7 @@ def discard_unfinished(assoc: object) -> bool:
     name = getattr(handle, "name", None)
     if handle is None or not isinstance(name, str):
         return False
+    receipt_failure(name)
     with contextlib.suppress(OSError):
         handle.close()
         Path(name).unlink(missing_ok=True)
@@ -134,17 +135,78 @@ def receive_into(ae: object, folder: Path) -> None:
     dimse_messages.NamedTemporaryFile = _named_temporary_file  # type: ignore[assignment]
 
 
-def _named_temporary_file(*args: Any, **kwargs: Any) -> IO[bytes]:
-    """pynetdicom's ``NamedTemporaryFile``, in the receiving AE's folder if it has one.
+def _named_temporary_file(*args: Any, **kwargs: Any) -> IO[bytes] | IncomingFile:
+    """pynetdicom's ``NamedTemporaryFile``: an :class:`IncomingFile` in the receiving AE's folder if
+    it has one.
 
     Called while decoding a PDU, in the association's DUL thread (``thread.assoc``).
     """
     thread = threading.current_thread()
     ae = getattr(getattr(thread, "assoc", thread), "ae", None)
     folder = _incoming.get(ae) if ae is not None else None
-    if folder is not None:
-        kwargs.update(dir=folder, prefix=INCOMING_PREFIX, suffix=INCOMING_SUFFIX)
-    return tempfile.NamedTemporaryFile(*args, **kwargs)  # pynetdicom closes and removes it
+    if folder is None:
+        return tempfile.NamedTemporaryFile(*args, **kwargs)  # pynetdicom closes and removes it
+    kwargs.update(dir=folder, prefix=INCOMING_PREFIX, suffix=INCOMING_SUFFIX)
+    return IncomingFile(tempfile.NamedTemporaryFile(*args, **kwargs))
+
+
+_failures: dict[str, OSError] = {}
+_failures_lock = threading.Lock()
+
+
+class IncomingFile:
+    """The file a dataset is received into, in the spool's file system: a write that fails there
+    (the disk is full) must not abort the association from inside pynetdicom's PDU decoding,
+    where the peer would hear of it only as a dropped connection.
+
+    The first failed write is recorded for the C-STORE handler (:func:`receipt_failure`, which
+    answers Out of Resources), the partial file is closed and removed at once (its space is
+    what ran out), and the rest of the dataset is dropped as it arrives. pynetdicom writes the
+    file meta and the dataset with ``write`` and ``file.flush``, then closes and unlinks it.
+    """
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        self._inner = inner
+        self.name: str = inner.name  # a path: ``dir`` was given
+        self.failed = False
+
+    @property
+    def file(self) -> IncomingFile:
+        return self
+
+    def write(self, data: bytes | memoryview) -> int:
+        if not self.failed:
+            try:
+                return self._inner.write(data)
+            except OSError as exc:
+                self._fail(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        if not self.failed:
+            try:
+                self._inner.flush()
+            except OSError as exc:
+                self._fail(exc)
+
+    def close(self) -> None:
+        if not self.failed:
+            self._inner.close()
+
+    def _fail(self, exc: OSError) -> None:
+        self.failed = True
+        with _failures_lock:
+            _failures[self.name] = exc
+        with contextlib.suppress(OSError):  # the buffer cannot be written either
+            self._inner.close()
+        Path(self.name).unlink(missing_ok=True)
+
+
+def receipt_failure(path: Path | str) -> OSError | None:
+    """Why the dataset pynetdicom received into ``path`` could not be written (None if it was);
+    asked once per dataset, by its C-STORE handler (or when its association ends first)."""
+    with _failures_lock:
+        return _failures.pop(str(path), None)
 
 
 Received = bytes | Part10 | ReceivedFile

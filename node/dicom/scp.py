@@ -89,12 +89,13 @@ from node.db.models import Association, utcnow
 from node.dicom import codestream, intake, tls
 from node.dicom.allowlist import AllowList
 from node.dicom.contexts import QuickCopyContexts
-from node.dicom.received import Part10, ReceivedFile, discard_unfinished, receive_into
+from node.dicom.received import Part10, ReceivedFile, discard_unfinished, receipt_failure, receive_into
 from node.dicom.spool import (
     InvalidUIDError,
     SpoolFullError,
     incoming_dir,
     remove_stale_temp_files,
+    spool_error,
     spool_relpath,
     write_in_background,
 )
@@ -459,8 +460,11 @@ class NodeSCP:
         return DimseStatus.SUCCESS
 
     def _audit_refusal(self, event: Event, status: DimseStatus, reason: str, receipt: intake.Receipt) -> None:
-        """``instance.rejected`` with the status name and a short scrubbed reason."""
+        """``instance.rejected`` with the status name and a short scrubbed reason; an instance
+        refused before its dataset was read (a full disk) is named by its C-STORE request."""
         uids = receipt.uids
+        requested = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+        sop_instance = uids.sop_instance if uids else requested if is_valid_uid(requested) else None
         try:
             with self.sessions() as session:
                 audit.record(
@@ -469,7 +473,7 @@ class NodeSCP:
                     ACTOR,
                     patient_id=receipt.patient_id,
                     study_uid=uids.study if uids else None,
-                    sop_instance_uid=uids.sop_instance if uids else None,
+                    sop_instance_uid=sop_instance,
                     calling_ae=_calling_ae(event.assoc),
                     peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
                     details={"status": status.name, "reason": reason[:500]},
@@ -487,15 +491,21 @@ def _received(event: Event) -> Part10 | ReceivedFile:
 
     The meta carries the peer's Affected SOP Class/Instance UIDs, so building it can fail on a
     hostile request: that is the peer's bytes being unusable (InputError), not a node failure.
+    A dataset whose file could not be written as it arrived raises what the spool would
+    (:func:`~node.dicom.spool.spool_error`: SpoolFullError for a full disk).
     """
     try:
         path = event.dataset_path
-        if path is not None:
+        failure = None if path is None else receipt_failure(path)
+        if path is not None and failure is None:
             return ReceivedFile.at(path)
-        head = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta)))
-        return Part10(head, bytes(event.encoded_dataset(include_meta=False)))
+        if path is None:
+            head = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta)))
+            return Part10(head, bytes(event.encoded_dataset(include_meta=False)))
     except Exception as exc:  # pynetdicom/pydicom raise many types on hostile command values
         raise InputError(f"cannot read the received dataset: {describe(exc, limit=200)}") from exc
+    assert failure is not None
+    raise spool_error(failure) from failure  # its disk filled while it arrived: nothing to read
 
 
 def _log_error(message: str, exc: BaseException, known: Iterable[str] = ()) -> None:

@@ -112,10 +112,16 @@ def write_instance(
         atomic_write_bytes(path, data, mode=PRIVATE_FILE_MODE)  # patient data
         fsync_dir(path.parent)
     except OSError as exc:
-        if exc.errno in _DISK_FULL:
-            raise SpoolFullError(f"spool file system is full: {os.strerror(exc.errno or 0)}") from exc
-        raise
+        raise spool_error(exc) from exc
     return rel
+
+
+def spool_error(exc: OSError) -> Exception:
+    """What a failed write into the spool's file system raises: :class:`SpoolFullError` when the
+    disk is full or over quota (the SCP answers Out of Resources), else the OS error itself."""
+    if exc.errno in _DISK_FULL:
+        return SpoolFullError(f"spool file system is full: {os.strerror(exc.errno or 0)}")
+    return exc
 
 
 def write_in_background(

@@ -5,6 +5,7 @@ written with one writev; either way the spooled file holds the dataset exactly a
 from __future__ import annotations
 
 import errno
+import io
 import os
 import socket
 import struct
@@ -19,7 +20,7 @@ from peers import LOOPBACK
 from pynetdicom import _config as pynetdicom_config
 
 from node.dicom import intake, spool
-from node.dicom.received import Part10, ReceivedFile
+from node.dicom.received import IncomingFile, Part10, ReceivedFile, receipt_failure
 from node.dicom.status import DimseStatus
 
 STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
@@ -198,3 +199,35 @@ def test_a_dataset_cut_off_by_a_dropped_connection_leaves_no_file(
         time.sleep(0.05)
     assert list(incoming.iterdir()) == [] and list(elsewhere.iterdir()) == []
     assert len(instances(node.sessions)) == 1  # the captured store only
+
+
+class _FullDisk(io.BytesIO):
+    """A temporary file whose disk fills after ``room`` bytes."""
+
+    def __init__(self, name: str, room: int) -> None:
+        super().__init__()
+        self.name, self.room = name, room
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
+
+
+def test_a_dataset_whose_disk_fills_as_it_arrives_is_dropped_and_its_failure_kept_for_the_handler(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / ".tmpabc.tmp"
+    path.write_bytes(b"\x00" * 132)  # what the receipt had written when the disk filled
+    incoming = IncomingFile(_FullDisk(str(path), room=200))  # type: ignore[arg-type]
+    assert incoming.write(b"\x00" * 128) == 128 and incoming.file.flush() is None
+    assert incoming.write(b"x" * 100) == 100  # the disk is full: dropped, not raised into pynetdicom
+    assert incoming.failed and not path.exists()  # its space given back at once
+    assert incoming.write(b"rest of the dataset") == 19
+    incoming.file.flush()
+    incoming.close()
+    failure = receipt_failure(path)
+    assert failure is not None and failure.errno == errno.ENOSPC
+    assert receipt_failure(path) is None  # asked once
+    assert isinstance(spool.spool_error(failure), spool.SpoolFullError)
+    assert spool.spool_error(OSError(errno.EIO, "I/O error")).errno == errno.EIO
