@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from inference.preprocessing import preprocess_array, preprocess_levels
     from inference.preprocessing_dali import DaliPreprocessor
     from inference.reduced_decode import SourceLevels
-    from inference.rendering import EncodedObject, display_image, display_level, shrink
+    from inference.rendering import EncodedObject, display_copy, display_image, display_level, shrink
     from inference.rsna_layout import CSV_NAME, IMAGES_DIR, RSNA_COLUMNS
     from inference.types import (
         SCREENING_SIDE_VIEWS,
@@ -108,6 +108,7 @@ _EXPORTS: dict[str, str] = {
     "decode_pixels": "inference.dicom_pixels",
     "derive_uid": "inference.uids",
     "describe": "inference.phi",
+    "display_copy": "inference.rendering",
     "display_image": "inference.rendering",
     "dumps": "inference.jsonsafe",
     "gpu_info": "inference.backends.cuda_runtime",
@@ -182,6 +183,7 @@ __all__ = [
     "decode_pixels",
     "derive_uid",
     "describe",
+    "display_copy",
     "display_image",
     "display_level",
     "dumps",

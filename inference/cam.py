@@ -14,7 +14,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from inference.geometry import grid_to_original
+from inference.geometry import grid_to_display
 from inference.types import GeometricTransform
 
 
@@ -57,12 +57,14 @@ def cam_to_grid(cam: np.ndarray, input_shape: tuple[int, int]) -> np.ndarray:
 
 
 def cam_to_original(
-    cam: np.ndarray, transform: GeometricTransform, *, thresholded: bool = True
+    cam: np.ndarray, transform: GeometricTransform, *, thresholded: bool = True, factor: int = 1
 ) -> np.ndarray:
-    """The CAM on the original image's pixel grid (``transform.original_shape``), 0 outside the crop."""
+    """The CAM on the original image's pixel grid (``transform.original_shape``), 0 outside the
+    crop; with ``factor`` > 1 on that grid shrunk by ``factor`` (a capture's display,
+    :func:`inference.geometry.grid_to_display`)."""
     arr = threshold_cam(cam) if thresholded else _as_2d(cam)
     grid = cam_to_grid(arr, transform.input_shape)
-    return grid_to_original(grid, transform)
+    return grid_to_display(grid, transform, factor)
 
 
 def normalise_cam(cam_map: np.ndarray) -> np.ndarray:

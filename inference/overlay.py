@@ -278,11 +278,13 @@ def overlay_layout(
 ) -> OverlayLayout:
     """Size the annotation panel for this image and put it in the corner with the least tissue.
 
-    ``image01`` is the greyscale image the picture is drawn over (dense tissue bright).
-    ``chest_wall`` is the image side the breast lies against, when the caller knows it (from the
-    source's Patient Orientation); the darkest-corner rule alone also works without it.
+    ``image01`` is the greyscale image the picture is drawn over (dense tissue bright), in [0, 1]
+    or as 8-bit grey levels (:func:`grey_levels`). ``chest_wall`` is the image side the breast lies
+    against, when the caller knows it (from the source's Patient Orientation); the darkest-corner
+    rule alone also works without it.
     """
-    image = np.asarray(image01, dtype=np.float32)
+    image = np.asarray(image01)
+    image = image / np.float32(255.0) if image.dtype == np.uint8 else image.astype(np.float32, copy=False)
     if image.ndim != 2 or image.size == 0:
         raise ValueError(f"image must be non-empty 2-D greyscale, got shape {image.shape}")
     height, width = image.shape
@@ -379,15 +381,29 @@ def _sanitised(arr: np.ndarray, *, high: float, posinf: float) -> np.ndarray:
     return np.clip(clean, 0.0, high) if high < np.inf else np.maximum(clean, 0.0)
 
 
+def grey_levels(image01: np.ndarray) -> np.ndarray:
+    """The 8-bit grey levels a picture shows of an image in [0, 1] (values outside clipped, NaN
+    black); uint8 input is grey levels already and is returned as it is.
+
+    The display copy of a source is kept as these (:func:`inference.rendering.display_image`):
+    they are all the blend uses, and a quarter of float32 to carry between processes.
+    """
+    arr = np.asarray(image01)
+    if arr.dtype == np.uint8:
+        return arr
+    img = _sanitised(arr, high=1.0, posinf=1.0)
+    return np.rint(img * np.float32(255.0)).astype(np.uint8)  # img is in [0, 1]: no clipping
+
+
 def blend_cam(image01: np.ndarray, cam_map: np.ndarray, *, strength: float = 1.0) -> np.ndarray:
-    """The greyscale image as RGB with the map's colour blended in where the map is positive.
+    """The greyscale image (in [0, 1] or :func:`grey_levels`) as RGB with the map's colour blended
+    in where the map is positive.
 
     Pixels where the map is zero keep exactly the grey value of the image. The colour's opacity is
     ``MAX_ALPHA * strength * activation / peak``.
     """
-    img = _sanitised(image01, high=1.0, posinf=1.0)
+    grey8 = grey_levels(image01)
     heat = _sanitised(cam_map, high=np.inf, posinf=0.0)
-    grey8 = np.rint(img * np.float32(255.0)).astype(np.uint8)  # img is in [0, 1]: no clipping
     rgb = np.repeat(grey8[:, :, None], 3, axis=2)
     peak = float(heat.max()) if heat.size else 0.0
     opacity = MAX_ALPHA * float(np.clip(np.nan_to_num(strength), 0.0, 1.0))
@@ -422,7 +438,8 @@ def render_cam_overlay(
 ) -> np.ndarray:
     """Blend a thresholded CAM over the greyscale image and burn in notice, captions and scale.
 
-    ``image01`` is the windowed image in [0, 1] (values outside are clipped), already at the size
+    ``image01`` is the windowed image in [0, 1] (values outside are clipped) or its
+    :func:`grey_levels`, already at the size
     the picture should have (:func:`inference.rendering.display_image`); ``cam_map`` has the same
     shape, is >= 0, and is zero wherever the model did not activate. Returns an ``(H, W, 3)``
     uint8 RGB picture of exactly the image's shape: the blend (:func:`blend_cam`) with the
@@ -436,9 +453,10 @@ def render_cam_overlay(
         raise ValueError(f"image01 must be 2-D greyscale, got shape {image.shape}")
     if cam.shape != image.shape:
         raise ValueError(f"cam_map shape {cam.shape} != image shape {image.shape}")
-    rgb = blend_cam(image, cam, strength=strength)
+    grey = grey_levels(image)
+    rgb = blend_cam(grey, cam, strength=strength)
     layout = overlay_layout(
-        _sanitised(image, high=1.0, posinf=1.0),
+        grey,
         notice=notice,
         caption_lines=caption_lines,
         legend=legend,

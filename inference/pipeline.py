@@ -38,12 +38,11 @@ from inference.rendering import (
     EncodedObject,
     ReportTask,
     capture_captions,
-    display_image,
+    display_copy,
     display_level,
     exact_display_factor,
     render_capture,
     render_report,
-    shrink,
 )
 from inference.rendering_marks import (
     CadReportTask,
@@ -62,7 +61,6 @@ from inference.types import (
     StudyScore,
     view_key,
 )
-from inference.voi import apply_voi
 from inference.writers.cad_sr import cad_sr_uids
 from inference.writers.common import copyable_header
 from inference.writers.gsps import gsps_uids
@@ -88,7 +86,7 @@ class PreparedImage:
     dataset: Dataset
     """The source's header without pixel data, with only the values that may be copied into
     results (:func:`inference.writers.common.copyable_header`)."""
-    display: np.ndarray  # float32 in [0, 1], dense tissue bright, at most DISPLAY_MAX on a side
+    display: np.ndarray  # uint8 grey levels, dense tissue bright, at most DISPLAY_MAX on a side
     model_input: PreprocessedImage
     dropped: tuple[str, ...] = ()
     """Keywords of source attributes left out of the results because their values are invalid."""
@@ -141,16 +139,14 @@ def prepare_image(dataset: Dataset, meta: ImageMeta, config: PreprocessConfig) -
     capture's display level and what the model input needs, usually half the source's.
     """
     source = SourceLevels(dataset)
-    level, factor = display_level(source.rows, source.columns)
-    source.finest = level
+    source.finest = display_level(source.rows, source.columns)[0]
     model_input = preprocess_levels(source, dataset, meta, config)
-    windowed = apply_voi(source.modality(level), dataset, fallback=config.fallback_window)
-    return _prepared(dataset, shrink(windowed, factor), model_input)
+    return _prepared(dataset, display_copy(source, dataset, fallback=config.fallback_window), model_input)
 
 
 def _prepared(dataset: Dataset, display: np.ndarray, model_input: PreprocessedImage) -> PreparedImage:
     header, dropped = copyable_header(dataset)
-    return PreparedImage(header, display_image(display), model_input, dropped)
+    return PreparedImage(header, display, model_input, dropped)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -58,9 +58,8 @@ from inference.dicom_header import read_meta
 from inference.dicom_pixels import MAX_PIXELS
 from inference.preprocessing import LevelPlan, plan_levels
 from inference.reduced_decode import SourceLevels
-from inference.rendering import display_level, shrink
+from inference.rendering import display_copy
 from inference.types import GeometricTransform, ImageMeta, InputError, PreprocessConfig
-from inference.voi import apply_voi
 
 if TYPE_CHECKING:
     from nvidia.dali.pipeline import Pipeline as DaliPipeline
@@ -397,9 +396,7 @@ def _plan_on_host(
     ds = item.dataset
     source = SourceLevels.from_stored(ds, stored)
     plan = plan_levels(source, ds, item.meta, config)
-    level, factor = display_level(source.rows, source.columns)
-    display = shrink(apply_voi(source.modality(level), ds, fallback=config.fallback_window), factor)
-    return plan, display
+    return plan, display_copy(source, ds, fallback=config.fallback_window)
 
 
 def _brief(exc: BaseException) -> str:

@@ -22,9 +22,11 @@ from pydicom.dataset import Dataset
 from inference.cam import cam_to_original
 from inference.manifest import ModelManifest
 from inference.marks import CamMark
-from inference.overlay import DEFAULT_LEGEND, ChestWall, render_cam_overlay
+from inference.overlay import DEFAULT_LEGEND, ChestWall, grey_levels, render_cam_overlay
 from inference.pyramid import MAX_LEVEL
+from inference.reduced_decode import SourceLevels
 from inference.types import AlgorithmInfo, ImageFailure, ImageScore, StudyScore
+from inference.voi import FallbackMethod, apply_voi
 from inference.writers.sc import build_cam_sc
 from inference.writers.sr import CaptureReference, build_score_sr
 
@@ -70,10 +72,18 @@ def shrink(image: np.ndarray, factor: int) -> np.ndarray:
 
 
 def display_image(windowed: np.ndarray) -> np.ndarray:
-    """The windowed source shrunk by :func:`display_factor` (:func:`shrink`: exact block averages),
-    as float32; an image that fits already is returned as is."""
+    """The display copy of a windowed source (values in [0, 1]): shrunk by :func:`display_factor`
+    (:func:`shrink`: exact block averages) and kept as the capture's 8-bit grey levels
+    (:func:`inference.overlay.grey_levels`), which is all the capture shows."""
     image = np.asarray(windowed, dtype=np.float32)
-    return shrink(image, display_factor(image.shape[0], image.shape[1]))
+    return grey_levels(shrink(image, display_factor(image.shape[0], image.shape[1])))
+
+
+def display_copy(source: SourceLevels, ds: Dataset, *, fallback: FallbackMethod) -> np.ndarray:
+    """The capture's display copy of a source (:func:`display_image`), from its display level
+    (:func:`display_level`) windowed as the model's input is (:func:`inference.voi.apply_voi`)."""
+    level, factor = display_level(source.rows, source.columns)
+    return display_image(shrink(apply_voi(source.modality(level), ds, fallback=fallback), factor))
 
 
 def exact_display_factor(rows: int, columns: int, display_shape: tuple[int, ...]) -> int | None:
@@ -114,6 +124,7 @@ class CaptureTask:
     source: Dataset
     """The source's copyable header (:func:`inference.writers.common.copyable_header`)."""
     display: np.ndarray
+    """Its display copy (:func:`display_image`)."""
     score: ImageScore
     captions: tuple[str, ...]
     algorithm: AlgorithmInfo
@@ -192,10 +203,8 @@ def chest_wall_side(source: Dataset) -> ChestWall | None:
 def _display_cam(task: CaptureTask) -> np.ndarray:
     """The thresholded CAM on the display image's pixel grid."""
     image = task.score
-    cam_map = cam_to_original(image.cam, image.transform, thresholded=True)
+    cam_map = cam_to_original(image.cam, image.transform, thresholded=True, factor=task.display_factor or 1)
     h, w = task.display.shape[:2]
-    if task.display_factor is not None:
-        cam_map = shrink(cam_map, task.display_factor)
     if cam_map.shape != (h, w):
         cam_map = cv2.resize(cam_map.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
     return cam_map

@@ -85,3 +85,35 @@ def test_normalise_and_peak() -> None:
 def test_invalid_maps_rejected(bad: np.ndarray) -> None:
     with pytest.raises(ValueError):
         threshold_cam(bad)
+
+
+@pytest.mark.parametrize("flipped", [True, False])
+@pytest.mark.parametrize("factor", [2, 3])
+def test_the_map_drawn_on_a_display_grid_is_the_shrunk_full_size_map(flipped: bool, factor: int) -> None:
+    """A capture's CAM, drawn directly at its display size, is the full-size map's block average
+    (as the capture's display copy is the source's): the same everywhere but at the crop's border."""
+    from inference.rendering import shrink
+
+    transform = GeometricTransform(
+        original_shape=(3329, 2561),  # odd, so the display drops a last row and column
+        crop_box=(101, 3302, 0, 1733),
+        flipped=flipped,
+        scale=512 / 3201,
+        pad_top=0,
+        pad_left=0,
+        input_shape=(512, 256),
+    )
+    rng = np.random.default_rng(factor)
+    cam = rng.normal(size=(16, 8)).astype(np.float32)
+    cam[5, 3] = 6.0
+    full = shrink(cam_to_original(cam, transform), factor)
+    direct = cam_to_original(cam, transform, factor=factor)
+    assert direct.shape == full.shape == (3329 // factor, 2561 // factor) and direct.dtype == np.float32
+    y0, y1, x0, x1 = (round(v / factor) for v in transform.crop_box)
+    border = np.zeros(full.shape, dtype=bool)
+    border[max(0, y0 - 1) : y0 + 1] = border[y1 - 1 : y1 + 1] = True
+    border[:, max(0, x0 - 1) : x0 + 1] = border[:, x1 - 1 : x1 + 1] = True
+    np.testing.assert_allclose(direct[~border], full[~border], rtol=0, atol=1e-3 * full.max())
+    assert not direct[: y0 - 1].any() and not direct[y1 + 1 :].any() and not direct[:, x1 + 1 :].any()
+    peak = cam_peak(cam_to_original(cam, transform))  # on a plateau: the first of its pixels
+    assert all(abs(d - p // factor) <= 1 for d, p in zip(cam_peak(direct), peak, strict=True))
