@@ -206,10 +206,12 @@ def _network_sections(
     ``--burst`` and ``--burst-size``. The burst's study is the bench's, or one synthesised at
     ``--burst-size`` when that differs from the bench's synthetic images."""
     from inference import resolve_model_dir
+    from node.commands.dicom import quiet_pynetdicom
     from node.tools.bench import ensure_onnx
     from node.tools.bench_burst import BurstSettings, run_burst
     from node.tools.bench_ingest import IngestSettings, add_ingest, run_ingest
 
+    quiet_pynetdicom()  # the burst's sender would narrate every C-STORE
     quick, rounds, studies, burst_size = options
     rounds, studies = (
         (min(rounds, 1), studies or 0) if quick else (rounds, 20 if studies is None else studies)

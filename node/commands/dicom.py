@@ -29,7 +29,7 @@ class DicomPeerError(MammoNodeError):
     """A DICOM peer could not be reached or refused the request."""
 
 
-def _quiet_pynetdicom() -> None:
+def quiet_pynetdicom() -> None:
     """pynetdicom narrates every association at INFO and repeats our failures at ERROR, and the
     sender logs a refused association; the commands print one line of their own instead (all of
     it with `mammonode -v`)."""
@@ -67,7 +67,7 @@ def echo_command(
     from node.config import DestinationTLS, validate_ae_title, validate_port
     from node.dicom.sender import echo
 
-    _quiet_pynetdicom()
+    quiet_pynetdicom()
     called = validate_ae_title(aec, "--aec")
     over_tls, node = (DestinationTLS(), load(config)) if tls else (None, None)
     result = echo(host, validate_port(port), called, _calling_ae(aet, config), over_tls=over_tls, config=node)
@@ -95,7 +95,7 @@ def send_command(
     from node.dicom.sender import store_files
     from node.tools.offline import collect_files
 
-    _quiet_pynetdicom()
+    quiet_pynetdicom()
     destination = Destination.parse(to)
     calling = _calling_ae(aet, config)
     node = load(config) if destination.tls is not None else None  # its certificate and CAs
