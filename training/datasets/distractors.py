@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from inference.types import InputError
-from training.datasets.rsna import _read_csv, _Row
+from training.datasets.csv_rows import read_rows
 
 DISTRACTORS_CSV = "distractors.csv"
 DISTRACTOR_MASKS_DIR = "distractor_masks"
@@ -73,8 +73,7 @@ def load_distractors(root: Path) -> dict[int, list[DistractorRow]] | None:
     if not path.exists():
         return None
     rows: dict[int, list[DistractorRow]] = {}
-    for line, raw in _read_csv(path, DISTRACTOR_COLUMNS):
-        row = _Row(path, line, raw)
+    for row in read_rows(path, DISTRACTOR_COLUMNS):
         item = DistractorRow(
             kind=str(row.choice("kind", DISTRACTOR_KINDS)),
             y0=row.integer("y0"),
@@ -84,9 +83,9 @@ def load_distractors(root: Path) -> dict[int, list[DistractorRow]] | None:
             mask_value=row.integer("mask_value"),
         )
         if not (0 <= item.y0 < item.y1 and 0 <= item.x0 < item.x1):
-            raise InputError(f"{path.name} line {line}: empty or negative box")
+            raise InputError(f"{path.name} line {row.line}: empty or negative box")
         if not 1 <= item.mask_value <= 255:
-            raise InputError(f"{path.name} line {line}: mask_value must be 1-255")
+            raise InputError(f"{path.name} line {row.line}: mask_value must be 1-255")
         rows.setdefault(row.integer("image_id"), []).append(item)
     return rows
 

@@ -9,13 +9,13 @@ their readers return nothing on a real RSNA root.
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from inference.rsna_layout import CSV_NAME, IMAGES_DIR, RSNA_COLUMNS
 from inference.types import InputError
+from training.datasets.csv_rows import read_rows
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,6 @@ LESION_COLUMNS: tuple[str, ...] = (
 )
 LESIONS_CSV = "lesions.csv"
 MASKS_DIR = "train_masks"
-
-_TRUE = {"1", "true", "yes"}
-_FALSE = {"0", "false", "no", ""}
 
 
 @dataclass(frozen=True)
@@ -77,72 +74,6 @@ class LesionBox:
     x1: int
 
 
-class _Row:
-    """Parses the cells of one csv row, naming the row and column in every error."""
-
-    def __init__(self, path: Path, line: int, row: dict[str, str]) -> None:
-        self.path, self.line, self.row = path, line, row
-
-    def _fail(self, column: str, why: str) -> InputError:
-        value = self.row.get(column)
-        return InputError(f"{self.path.name} line {self.line}: column {column} = {value!r}: {why}")
-
-    def text(self, column: str) -> str:
-        return (self.row.get(column) or "").strip()
-
-    def integer(self, column: str) -> int:
-        value = self.optional_int(column)
-        if value is None:
-            raise self._fail(column, "an integer is required")
-        return value
-
-    def optional_int(self, column: str) -> int | None:
-        text = self.text(column)
-        if text == "" or text.lower() == "nan":
-            return None
-        try:
-            number = float(text)
-        except ValueError:
-            raise self._fail(column, "not a number") from None
-        if not number.is_integer():
-            raise self._fail(column, "not an integer")
-        return int(number)
-
-    def flag(self, column: str) -> int:
-        value = self.integer(column)
-        if value not in (0, 1):
-            raise self._fail(column, "must be 0 or 1")
-        return value
-
-    def boolean(self, column: str) -> bool:
-        text = self.text(column).lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-        raise self._fail(column, "must be True/False or 1/0")
-
-    def choice(self, column: str, allowed: tuple[str, ...], *, optional: bool = False) -> str | None:
-        text = self.text(column)
-        if text == "" and optional:
-            return None
-        if text not in allowed:
-            raise self._fail(column, f"must be one of {', '.join(allowed)}")
-        return text
-
-
-def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
-    if not path.is_file():
-        raise InputError(f"{path} does not exist")
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise InputError(f"{path.name} lacks column(s) {', '.join(missing)}")
-        return [(i + 2, row) for i, row in enumerate(reader)]
-
-
 def load_rsna(
     root: Path,
     csv_name: str = CSV_NAME,
@@ -159,12 +90,11 @@ def load_rsna(
     csv_path = root / csv_name
     records: list[RsnaRecord] = []
     seen: set[int] = set()
-    for line, raw in _read_csv(csv_path, RSNA_COLUMNS):
-        row = _Row(csv_path, line, raw)
+    for row in read_rows(csv_path, RSNA_COLUMNS):
         patient_id = row.integer("patient_id")
         image_id = row.integer("image_id")
         if image_id in seen:
-            raise InputError(f"{csv_path.name} line {line}: duplicate image_id {image_id}")
+            raise InputError(f"{csv_path.name} line {row.line}: duplicate image_id {image_id}")
         seen.add(image_id)
         view = row.text("view")
         if not view:
@@ -204,8 +134,7 @@ def load_lesions(root: Path) -> dict[int, list[LesionBox]]:
     if not path.exists():
         return {}
     boxes: dict[int, list[LesionBox]] = {}
-    for line, raw in _read_csv(path, LESION_COLUMNS):
-        row = _Row(path, line, raw)
+    for row in read_rows(path, LESION_COLUMNS):
         box = LesionBox(
             kind=str(row.choice("kind", ("mass", "calcification"))),
             y0=row.integer("y0"),
@@ -214,7 +143,7 @@ def load_lesions(root: Path) -> dict[int, list[LesionBox]]:
             x1=row.integer("x1"),
         )
         if not (0 <= box.y0 < box.y1 and 0 <= box.x0 < box.x1):
-            raise InputError(f"{path.name} line {line}: empty or negative box {box}")
+            raise InputError(f"{path.name} line {row.line}: empty or negative box {box}")
         boxes.setdefault(row.integer("image_id"), []).append(box)
     return boxes
 
