@@ -56,8 +56,8 @@ _M_TRIM_THRESHOLD = -1
 CHILD_MMAP_THRESHOLD_BYTES = 64 << 20
 """In the pool's children, allocations up to this size come from the heap, and the heap is not
 trimmed while a task runs. A task's arrays (a decoded level, its windowed copy, a capture's RGB
-picture) then reuse pages the task already touched, where as fresh maps every page of every array
-is faulted in anew: 13 % of a JPEG 2000 load task (measured at 3328x2560). Children hand their
+picture) then reuse pages the task already touched; as fresh maps, every page of every array was
+faulted in anew, 13 % of a JPEG 2000 load task (measured at 3328x2560). Children hand their
 freed memory back after every task (:func:`release_memory`), so an idle child holds no more than
 under :data:`MMAP_THRESHOLD_BYTES`; fixed thresholds also stop glibc's dynamic growth."""
 
