@@ -29,6 +29,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from pynetdicom import dimse_messages
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.events import Event
+
+from inference import InputError, describe
 
 INCOMING_PREFIX, INCOMING_SUFFIX = ".", ".tmp"
 """How a file being received is named: like the spool's other unfinished writes (``.*.tmp``),
@@ -207,6 +211,30 @@ def receipt_failure(path: Path | str) -> OSError | None:
     asked once per dataset, by its C-STORE handler (or when its association ends first)."""
     with _failures_lock:
         return _failures.pop(str(path), None)
+
+
+def received_instance(event: Event) -> Part10 | ReceivedFile:
+    """The instance a C-STORE request brought: the file pynetdicom wrote it to as it arrived
+    (:func:`receive_into`), else the dataset in memory behind a file meta pynetdicom builds from
+    the request, the bytes ``event.encoded_dataset()`` would give without copying the dataset to
+    join them.
+
+    The meta carries the peer's Affected SOP Class/Instance UIDs, so building it can fail on a
+    hostile request: that is the peer's bytes being unusable (InputError), not a node failure.
+    A dataset whose file could not be written as it arrived raises that write's OSError.
+    """
+    try:
+        path = event.dataset_path
+        failure = None if path is None else receipt_failure(path)
+        if path is not None and failure is None:
+            return ReceivedFile.at(path)
+        if path is None:
+            head = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta)))
+            return Part10(head, bytes(event.encoded_dataset(include_meta=False)))
+    except Exception as exc:  # pynetdicom/pydicom raise many types on hostile command values
+        raise InputError(f"cannot read the received dataset: {describe(exc, limit=200)}") from exc
+    assert failure is not None
+    raise failure  # nothing to read: the disk filled (or failed) while it arrived
 
 
 Received = bytes | Part10 | ReceivedFile

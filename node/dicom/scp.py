@@ -68,7 +68,6 @@ from pydicom.uid import (
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association as PynetAssociation
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # defined at import
 from pynetdicom.transport import ThreadedAssociationServer
@@ -89,7 +88,7 @@ from node.db.models import Association, utcnow
 from node.dicom import codestream, intake, tls
 from node.dicom.allowlist import AllowList
 from node.dicom.contexts import QuickCopyContexts
-from node.dicom.received import Part10, ReceivedFile, discard_unfinished, receipt_failure, receive_into
+from node.dicom.received import discard_unfinished, receive_into, received_instance
 from node.dicom.spool import (
     InvalidUIDError,
     SpoolFullError,
@@ -346,7 +345,10 @@ class NodeSCP:
     def _store(self, event: Event, context_class: str, started: float, receipt: intake.Receipt) -> int:
         transfer_syntax = str(event.context.transfer_syntax)
         try:
-            data = _received(event)
+            try:
+                data = received_instance(event)
+            except OSError as exc:  # the spool's disk failed (filled) while it arrived
+                raise spool_error(exc) from exc
             try:
                 intake.examine(
                     data,
@@ -432,7 +434,10 @@ class NodeSCP:
         """Another storage SOP class, accepted by configuration: audit it, store nothing."""
         header: Dataset | None = None
         with contextlib.suppress(InputError):  # unparsable: the audit entry carries no UIDs
-            data = _received(event)
+            try:
+                data = received_instance(event)
+            except OSError as exc:  # the spool's disk failed (filled) while it arrived
+                raise spool_error(exc) from exc
             try:
                 header = intake.header_of(intake.parse_encoded(data), data)
             finally:
@@ -481,31 +486,6 @@ class NodeSCP:
                 session.commit()
         except SQLAlchemyError as exc:
             _log_error("could not audit a refused instance", exc, receipt.known)
-
-
-def _received(event: Event) -> Part10 | ReceivedFile:
-    """The instance as received (:mod:`node.dicom.received`): the file pynetdicom wrote it to as
-    it arrived (``start_scp`` asks for that), else the dataset in memory behind a file meta
-    pynetdicom builds from the request, the bytes ``event.encoded_dataset()`` would give
-    without copying the dataset to join them.
-
-    The meta carries the peer's Affected SOP Class/Instance UIDs, so building it can fail on a
-    hostile request: that is the peer's bytes being unusable (InputError), not a node failure.
-    A dataset whose file could not be written as it arrived raises what the spool would
-    (:func:`~node.dicom.spool.spool_error`: SpoolFullError for a full disk).
-    """
-    try:
-        path = event.dataset_path
-        failure = None if path is None else receipt_failure(path)
-        if path is not None and failure is None:
-            return ReceivedFile.at(path)
-        if path is None:
-            head = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta)))
-            return Part10(head, bytes(event.encoded_dataset(include_meta=False)))
-    except Exception as exc:  # pynetdicom/pydicom raise many types on hostile command values
-        raise InputError(f"cannot read the received dataset: {describe(exc, limit=200)}") from exc
-    assert failure is not None
-    raise spool_error(failure) from failure  # its disk filled while it arrived: nothing to read
 
 
 def _log_error(message: str, exc: BaseException, known: Iterable[str] = ()) -> None:
